@@ -1,0 +1,144 @@
+"""Small stdlib helpers shared by every script: dataclass -> argparse flags, one-line user errors, atomic writes.
+
+A script's config is a dataclass; its fields (name, type, default, `help` metadata) are the single source of the
+CLI flags and defaults, and the resolved config is saved as JSON beside every output.
+
+    @dataclass
+    class CaptureConfig:
+        model: str = field(default="weights/tiny", metadata={"help": "model folder"})
+        batch_size: int = 32
+
+    def main(argv=None):
+        cfg = parse_config(CaptureConfig, argv, description=__doc__)
+        ...
+
+    if __name__ == "__main__":
+        run_main(main)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
+
+
+class UserError(Exception):
+    """A problem with the user's input (file, argument, data). Scripts print it as one line, no traceback."""
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _str2bool(s: str) -> bool:
+    v = s.strip().lower()
+    if v in ("1", "true", "yes", "y", "on"):
+        return True
+    if v in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {s!r}")
+
+
+def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
+    """Turn a dataclass into an ArgumentParser: one `--field-name` flag per field, defaults from the dataclass."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp, optional = _unwrap_optional(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = None
+        kw: dict[str, Any] = {"dest": f.name, "default": default, "help": f.metadata.get("help", " ")}
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        origin = typing.get_origin(tp)
+        if tp is bool:
+            kw.update(type=_str2bool, nargs="?", const=True, metavar="BOOL")
+        elif origin in (list, tuple):
+            (inner, *_) = typing.get_args(tp) or (str,)
+            kw.update(type=inner if inner in (int, float, str) else str, nargs="*")
+        elif tp in (int, float, str):
+            kw["type"] = tp
+        else:
+            kw["type"] = str
+        if default is None and not optional and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+            kw["required"] = True
+        parser.add_argument(flag, **kw)
+    return parser
+
+
+def parse_config(cls: type[T], argv: list[str] | None = None, description: str | None = None) -> T:
+    """Parse argv (default sys.argv[1:]) into an instance of the dataclass `cls`."""
+    ns = build_parser(cls, description).parse_args(argv)
+    values = vars(ns)
+    hints = typing.get_type_hints(cls)
+    for name, v in list(values.items()):
+        tp, _ = _unwrap_optional(hints[name])
+        if typing.get_origin(tp) is tuple and isinstance(v, list):
+            values[name] = tuple(v)
+    return cls(**values)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` via a temp file in the same folder + fsync + rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> None:
+    """Save the resolved config dataclass as JSON (beside the output it produced)."""
+    atomic_write_json(path, config_to_dict(cfg))
+
+
+def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
+    """Run a script's main(); a UserError (or a missing file) becomes one clear line on stderr and exit code 2."""
+    try:
+        rc = main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(rc if isinstance(rc, int) else 0)
