@@ -1,0 +1,17 @@
+"""llama: Llama 3.x from scratch (model, loading, tokenizer, generation) with a native residual-stream API."""
+from llama.cli import UserError
+from llama.config import PRESETS, ModelArgs
+from llama.model import ForwardOutput, Transformer
+
+__all__ = ["ModelArgs", "PRESETS", "Transformer", "ForwardOutput", "UserError"]
+
+try:  # filled in as the modules land
+    from llama.checkpoint import load_model  # noqa: F401
+    __all__.append("load_model")
+except ImportError:  # pragma: no cover
+    pass
+try:
+    from llama.tokenizer import ChatFormat, Tokenizer  # noqa: F401
+    __all__ += ["Tokenizer", "ChatFormat"]
+except ImportError:  # pragma: no cover
+    pass
