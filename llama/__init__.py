@@ -11,7 +11,8 @@ try:  # filled in as the modules land
 except ImportError:  # pragma: no cover
     pass
 try:
-    from llama.tokenizer import ChatFormat, Tokenizer  # noqa: F401
+    from llama.chat import ChatFormat  # noqa: F401
+    from llama.tokenizer import Tokenizer  # noqa: F401
     __all__ += ["Tokenizer", "ChatFormat"]
 except ImportError:  # pragma: no cover
     pass
