@@ -1,0 +1,168 @@
+"""Triton kernels vs their references: forward and every gradient.
+
+Not collected by the normal suite (the name does not start with test_): tests/test_kernels.py runs this file in
+a subprocess with TRITON_INTERPRET=1 set before anything imports triton (CPU, fp32), or as is on CUDA (fp32 and
+bf16). Shapes stay tiny: the interpreter runs Triton programs one after another in Python.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from kernels import reference
+from kernels.sparse_decode import pick_block_d
+from kernels.sparse_decode import sparse_decode as triton_decode
+from kernels.topk import topk as triton_topk
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not kernels.interpreter_ready():
+    raise RuntimeError("run with TRITON_INTERPRET=1 set before triton is imported (see tests/test_kernels.py)")
+DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+def _tol(dtype: torch.dtype) -> dict[str, float]:
+    return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=3e-2)
+
+
+def _decode_inputs(B: int, k: int, n: int, d: int, dtype: torch.dtype, seed: int):
+    """Rows draw k distinct latents from a pool of about n/2, so rows share latents and others are never used."""
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.randperm(n, generator=g)[: max(k, n // 2)]
+    idx = torch.stack([pool[torch.randperm(len(pool), generator=g)[:k]] for _ in range(B)])
+    acts = torch.rand(B, k, generator=g) + 0.1
+    W = torch.randn(n, d, generator=g) / d**0.5
+    grad = torch.randn(B, d, generator=g)
+    to = dict(device=DEVICE, dtype=dtype)
+    return acts.to(**to), idx.to(DEVICE), W.to(**to), grad.to(**to)
+
+
+def _run(fn, acts, idx, W, grad, need_acts=True, need_w=True):
+    a = acts.detach().clone().requires_grad_(need_acts)
+    w = W.detach().clone().requires_grad_(need_w)
+    out = fn(a, idx, w)
+    out.backward(grad)
+    return out, a.grad, w.grad
+
+
+def _dense_fp32(a, i, w):
+    return reference.sparse_decode_dense(a.float(), i, w.float())
+
+
+# (B, k, n, d, block_d): d power of two and not, several d tiles, k in {1, 4, 32}, B = 1
+DECODE_CASES = [
+    (1, 1, 10, 48, None),
+    (1, 4, 12, 64, None),
+    (6, 4, 20, 48, 32),     # two d tiles, the second half masked
+    (5, 4, 20, 64, None),
+    (4, 32, 50, 64, 32),    # two d tiles, two k chunks
+    (3, 32, 40, 96, None),  # heuristic tiles d=96 as 3 x 32 (no padding to 128)
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,k,n,d,block_d", DECODE_CASES)
+def test_sparse_decode_matches_dense_reference(B, k, n, d, block_d, dtype):
+    acts, idx, W, grad = _decode_inputs(B, k, n, d, dtype, seed=B * 100 + k + d)
+    out, ga, gw = _run(lambda a, i, w: triton_decode(a, i, w, block_d=block_d), acts, idx, W, grad)
+    ref_out, ref_ga, ref_gw = _run(_dense_fp32, acts, idx, W, grad.float())
+    assert out.dtype == dtype and ga.dtype == dtype and gw.dtype == dtype
+    tol = _tol(dtype)
+    torch.testing.assert_close(out.float(), ref_out, **tol)
+    torch.testing.assert_close(ga.float(), ref_ga, **tol)
+    torch.testing.assert_close(gw.float(), ref_gw, **tol)
+    used = torch.zeros(n, dtype=torch.bool, device=DEVICE)
+    used[idx.reshape(-1)] = True
+    if B > 1:  # the premise of the case: shared latents (accumulation) and latents never selected
+        assert torch.bincount(idx.reshape(-1), minlength=n).max() > 1 and not used.all()
+    assert torch.equal(gw[~used], torch.zeros_like(gw[~used]))
+
+
+def test_sparse_decode_tile_heuristic_does_not_pad():
+    assert [pick_block_d(d) for d in (2048, 3072, 4096, 96, 48)] == [256, 256, 256, 32, 64]
+
+
+@pytest.mark.parametrize("need_acts,need_w", [(True, False), (False, True)])
+def test_sparse_decode_single_gradient(need_acts, need_w):
+    acts, idx, W, grad = _decode_inputs(3, 4, 16, 48, torch.float32, seed=7)
+    out, ga, gw = _run(triton_decode, acts, idx, W, grad, need_acts, need_w)
+    ref_out, ref_ga, ref_gw = _run(_dense_fp32, acts, idx, W, grad, need_acts, need_w)
+    torch.testing.assert_close(out, ref_out, **_tol(torch.float32))
+    assert (ga is None) == (not need_acts) and (gw is None) == (not need_w)
+    torch.testing.assert_close(ga if need_acts else gw, ref_ga if need_acts else ref_gw, **_tol(torch.float32))
+
+
+def test_sparse_decode_repeated_index_in_a_row_adds_up():
+    acts, _, W, grad = _decode_inputs(2, 4, 8, 48, torch.float32, seed=3)
+    idx = torch.tensor([[5, 5, 1, 5], [1, 0, 0, 7]], device=DEVICE)
+    got = _run(triton_decode, acts, idx, W, grad)
+    want = _run(_dense_fp32, acts, idx, W, grad)
+    for g_, w_ in zip(got, want):
+        torch.testing.assert_close(g_, w_, **_tol(torch.float32))
+
+
+def _check_topk(x: torch.Tensor, k: int, values: torch.Tensor, indices: torch.Tensor) -> None:
+    """Tie-robust: the values equal torch.topk's exactly, and the indices are distinct and point at them."""
+    ref_values = torch.topk(x, k, dim=-1).values
+    assert values.dtype == x.dtype and indices.dtype == torch.int64 and values.shape == (x.shape[0], k)
+    torch.testing.assert_close(values, ref_values, rtol=0, atol=0)
+    torch.testing.assert_close(x.gather(1, indices), values, rtol=0, atol=0)
+    assert all(len(set(row.tolist())) == k for row in indices)
+
+
+# (B, n, k, block_n): B = 1, k in {1, 4, 32, 64}, n not a multiple of the block, one and several merge rounds
+TOPK_CASES = [
+    (1, 7, 1, None),
+    (3, 100, 4, 32),
+    (2, 200, 32, 64),
+    (1, 200, 4, 8),    # 25 blocks -> 100 candidates -> 52 -> 28 -> 16 -> 8: several merge rounds
+    (2, 70, 64, None),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,n,k,block_n", TOPK_CASES)
+def test_topk_matches_torch_topk(B, n, k, block_n, dtype):
+    x = torch.randn(B, n, generator=torch.Generator().manual_seed(n + k)).to(DEVICE, dtype)
+    values, indices = triton_topk(x, k, block_n)
+    _check_topk(x, k, values, indices)
+
+
+def test_topk_ties_keep_lowest_indices():
+    x = torch.randint(1, 4, (2, 50), generator=torch.Generator().manual_seed(0)).float().to(DEVICE)
+    values, indices = triton_topk(x, 5, 16)
+    _check_topk(x, 5, values, indices)
+    stable = torch.sort(x, dim=-1, descending=True, stable=True)  # among equals: lower index first
+    assert torch.equal(indices, stable.indices[:, :5])
+
+
+def test_topk_special_values():
+    inf = float("inf")
+    x = torch.tensor([[-inf, 3.0, -inf, inf, -1.0, 3.0, -0.5, -inf, 1e30, -1e-30]], device=DEVICE)
+    values, indices = triton_topk(x, 6, 4)
+    _check_topk(x, 6, values, indices)
+    assert indices[0].tolist() == [3, 8, 1, 5, 9, 6]
+
+
+def test_topk_gradient_matches_torch():
+    x = torch.randn(3, 40, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    g = torch.randn(3, 4, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (triton_topk(x1, 4, 16)[0] * g).sum().backward()
+    (torch.topk(x2, 4).values * g).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=0, atol=0)
+
+
+def test_public_functions_dispatch_to_triton(monkeypatch):
+    monkeypatch.delenv("LLAMA_SAE_KERNELS", raising=False)
+    acts, idx, W, grad = _decode_inputs(2, 4, 10, 48, torch.float32, seed=5)
+    assert kernels.backend(acts, idx, W) == "triton"
+    assert kernels.backend(acts.double(), idx, W.double()) == "reference"
+    torch.testing.assert_close(kernels.sparse_decode(acts, idx, W), _dense_fp32(acts, idx, W))
+    x = torch.randn(2, 30, device=DEVICE)
+    result = kernels.topk(x, 4)
+    assert isinstance(result, kernels.TopK)
+    _check_topk(x, 4, *result)
+    monkeypatch.setenv("LLAMA_SAE_KERNELS", "reference")
+    assert kernels.backend(acts, idx, W) == "reference"
+    torch.testing.assert_close(kernels.sparse_decode(acts, idx, W), _dense_fp32(acts, idx, W))
