@@ -1,0 +1,225 @@
+"""Steering: splice an SAE into the model at its capture point and add to / clamp chosen latents.
+
+    splice = SAESplice(sae, [Steer(123, 8.0), Steer(42, 0.0, "clamp")])
+    model(tokens, edit={sae.cfg.hook_name: splice})
+
+At the hook the residual x is replaced by
+
+    x' = x_hat(steered code) + (x - x_hat(clean code))      # default: the SAE's error term is kept
+    x' = x_hat(steered code)                                 # error_term=False: pure reconstruction (fidelity)
+
+computed as x + (x_hat(steered) - x_hat(clean)), so with no steering x' is x itself and the logits are exactly the
+clean model's. The code is the SAE's sparse (top_acts, top_indices); a steer changes one latent's value:
+"add" adds `strength` to it (the latent need not be active), "clamp" sets it to `strength` (0 ablates it).
+Because decoding is linear in the code, "add" moves x by strength * (the latent's decoder direction in raw space).
+
+The SAE's own `SAE.steer` dict (latent -> (value, mode), applied inside `encode`) is the same operation at a
+lower level; the splice cannot use it directly because the error term needs the clean code as well, so it encodes
+with `SAE.steer` switched off and applies its steers with `steer_code`.
+Steering API: a list of `Steer(latent, strength, mode)` given to
+`SAESplice`; `parse_steer("123:8")`, `parse_steer("golden gate:10:clamp", labels)` build them from text.
+`rows` limits steering to some rows of the batch (the web UI generates steered and unsteered side by side in one
+batch). With `record > 0` the splice keeps, for the last position of every row of the latest call, the `record`
+most active latents of the (steered) code: the latents active where the next token is chosen.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+from llama.cli import UserError
+
+MODES = ("add", "clamp")
+MAX_STRENGTH = 1e4
+
+
+@dataclass(frozen=True)
+class Steer:
+    latent: int
+    strength: float
+    mode: str = "add"  # add | clamp
+
+    def validate(self, n_latents: int) -> "Steer":
+        if not 0 <= self.latent < n_latents:
+            raise UserError(f"steer latent must be in [0, {n_latents}), got {self.latent}")
+        if self.mode not in MODES:
+            raise UserError(f"steer mode must be one of {MODES}, got {self.mode!r}")
+        if not abs(self.strength) <= MAX_STRENGTH:  # also rejects nan
+            raise UserError(f"steer strength must be a number in [-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}], "
+                            f"got {self.strength}")
+        return self
+
+
+class ActiveLatents(NamedTuple):
+    values: Tensor  # [B, r] activation, descending
+    indices: Tensor  # [B, r] latent ids
+
+
+def find_latents(query: str, labels: Mapping[int, Any]) -> list[int]:
+    """Latents whose label (or description) contains `query` (case-insensitive), best first: label matches
+    before description matches, then by detection score, then by confidence."""
+    q = query.strip().lower()
+    if not q:
+        return []
+    hits = []
+    for latent, lab in labels.items():
+        label, desc = str(getattr(lab, "label", "")).lower(), str(getattr(lab, "description", "")).lower()
+        if q in label or q in desc:
+            score = getattr(lab, "detection_score", None)
+            hits.append((q not in label, -(score if score is not None else -1.0),
+                         -float(getattr(lab, "confidence", 0.0) or 0.0), latent))
+    return [h[-1] for h in sorted(hits)]
+
+
+def parse_steer(spec: str, labels: Mapping[int, Any] | None = None) -> Steer:
+    """'TARGET:STRENGTH[:MODE]' -> Steer. TARGET is a latent index or text searched in the labels table."""
+    if ":" not in spec:
+        raise UserError(f"--steer {spec!r}: expected TARGET:STRENGTH[:add|clamp], e.g. 123:8 or 'dogs:6:clamp'")
+    parts = spec.rsplit(":", 2)
+    mode = "add"
+    if len(parts) == 3 and parts[2].strip().lower() in MODES:
+        target, strength_s, mode = parts[0], parts[1], parts[2].strip().lower()
+    else:
+        target, _, strength_s = spec.rpartition(":")
+    try:
+        strength = float(strength_s)
+    except ValueError:
+        raise UserError(f"--steer {spec!r}: expected TARGET:STRENGTH[:add|clamp] with a numeric strength, e.g. "
+                        "123:8 or 'dogs:6:clamp'") from None
+    target = target.strip()
+    if not target:
+        raise UserError(f"--steer {spec!r}: missing the latent index or label text before ':'")
+    if target.lstrip("-").isdigit():
+        return Steer(int(target), strength, mode)
+    if not labels:
+        raise UserError(f"--steer {spec!r}: {target!r} is not a latent index and no labels table was given "
+                        "(--labels FILE from scripts/interpret.py)")
+    found = find_latents(target, labels)
+    if not found:
+        raise UserError(f"--steer {spec!r}: no latent label contains {target!r}")
+    return Steer(found[0], strength, mode)
+
+
+def steer_code(acts: Tensor, idx: Tensor, steers: Sequence[Steer]) -> tuple[Tensor, Tensor]:
+    """Apply the steers to a sparse code [N, k] -> [N, k + len(steers)]: each steered latent is removed from
+    the kept set and appended as one extra column holding its new value (current + s, or s)."""
+    acts = acts.clone()
+    extra_acts, extra_idx = [], []
+    for s in steers:
+        hit = idx == s.latent
+        current = (acts * hit).sum(-1)
+        acts = acts.masked_fill(hit, 0.0)
+        extra_acts.append(current + s.strength if s.mode == "add" else torch.full_like(current, s.strength))
+        extra_idx.append(torch.full_like(idx[:, 0], s.latent))
+    if not steers:
+        return acts, idx
+    return torch.cat([acts, torch.stack(extra_acts, 1)], 1), torch.cat([idx, torch.stack(extra_idx, 1)], 1)
+
+
+def clean_encode(sae: Any, x: Tensor) -> tuple[Tensor, Tensor]:
+    """The SAE's code for x [N, D] with the SAE's own `steer` dict switched off (the error term needs the
+    clean code; steering is applied on top of it by `steer_code`)."""
+    saved = getattr(sae, "steer", None)
+    if saved:
+        sae.steer = {}
+    try:
+        out = sae.encode(x)
+    finally:
+        if saved:
+            sae.steer = saved
+    return out[0], out[1]
+
+
+def top_active(acts: Tensor, idx: Tensor, r: int) -> ActiveLatents:
+    """The r largest entries of a sparse code [N, k] (duplicates of one latent summed), descending."""
+    n = int(idx.max().item()) + 1 if idx.numel() else 1
+    dense = torch.zeros(acts.shape[0], n, dtype=acts.dtype, device=acts.device).scatter_add_(1, idx, acts)
+    values, indices = torch.topk(dense, min(r, n), dim=-1)
+    return ActiveLatents(values, indices)
+
+
+class SAESplice:
+    """The `edit` function x [B, T, D] -> x' for the SAE's hook point (see the module docstring)."""
+
+    def __init__(self, sae: Any, steers: Sequence[Steer] = (), *, error_term: bool = True,
+                 rows: Sequence[bool] | None = None, record: int = 0) -> None:
+        n_latents = sae.W_dec.shape[0]
+        self.sae, self.steers = sae, [s.validate(n_latents) for s in steers]
+        self.error_term, self.record = error_term, record
+        self.rows = None if rows is None else torch.tensor(list(rows), dtype=torch.bool)
+        self.last: ActiveLatents | None = None  # filled when record > 0
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if not self.steers and self.error_term and not self.record:
+            return x  # nothing to change: exactly the clean model
+        B, T, D = x.shape
+        param = self.sae.W_dec
+        flat = x.reshape(B * T, D).to(param.dtype)
+        with torch.no_grad():
+            acts, idx = clean_encode(self.sae, flat)
+            acts2, idx2 = steer_code(acts, idx, self.steers)
+            if self.record:
+                last = (torch.arange(B, device=x.device) * T + T - 1)
+                self.last = top_active(acts2[last], idx2[last], self.record)
+            if not self.steers and self.error_term:
+                return x
+            steered = self.sae.decode(acts2, idx2, like=flat)
+            plain = self.sae.decode(acts, idx, like=flat)
+            out = (flat + (steered - plain) if self.error_term else steered).to(x.dtype).reshape(B, T, D)
+        if self.rows is not None and self.error_term:  # unsteered rows keep x exactly
+            keep = self.rows.to(x.device)[:B].view(B, 1, 1)
+            out = torch.where(keep, out, x)
+        elif self.rows is not None:
+            keep = self.rows.to(x.device)[:B].view(B, 1, 1)
+            out = torch.where(keep, out, plain.to(x.dtype).reshape(B, T, D))
+        return out
+
+
+# ---- generation -------------------------------------------------------------------------------------------------
+class SteeredToken(NamedTuple):
+    index: int  # which row of the batch
+    token: int  # new token id (the stop token itself when stop_reason == "stop")
+    text: str  # new text for the row (may be "" while a UTF-8 character is incomplete)
+    stop_reason: str | None  # None | "stop" | "length"
+    latents: list[tuple[int, float]]  # most active (latent, activation) where this token was chosen
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], chat: bool = False, system: str | None = None
+                   ) -> list[list[int]]:
+    """Plain text (BOS + text) or one user turn in the Llama 3 chat format per prompt."""
+    if not chat:
+        return [tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+    from llama.chat import ChatFormat
+    fmt = ChatFormat(tokenizer)
+    head = [{"role": "system", "content": system}] if system else []
+    return [fmt.encode_dialog_prompt(head + [{"role": "user", "content": p}]) for p in prompts]
+
+
+def steered_stream(model: Any, tokenizer: Any, sae: Any, prompts: Sequence[Sequence[int]], steers: Sequence[Steer],
+                   max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                   error_term: bool = True, rows: Sequence[bool] | None = None, record: int = 0,
+                   ) -> Iterator[SteeredToken]:
+    """Generate from token-id prompts with the SAE spliced at its hook point; yield tokens as they come.
+    `rows` (one bool per prompt) limits steering to some rows; `record` > 0 attaches the top latents per token."""
+    from llama.generate import IncrementalDecoder, generate
+    hook = sae.cfg.hook_name
+    if not hook:
+        raise UserError("this SAE's cfg.json has no hook_name: it does not say where in the model it belongs")
+    if hook not in model.valid_points():
+        raise UserError(f"the SAE's hook_name {hook!r} is not a point of this model (e.g. {model.valid_points()[0]})")
+    if sae.cfg.d_in != model.args.dim:
+        raise UserError(f"the SAE's d_in={sae.cfg.d_in} does not match the model's dim={model.args.dim}")
+    splice = SAESplice(sae, steers, error_term=error_term, rows=rows, record=record)
+    decoders = [IncrementalDecoder(tokenizer) for _ in prompts]
+    for ev in generate(model, tokenizer, prompts, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                       edit={hook: splice}, stream=True):
+        piece = decoders[ev.index].push(None if ev.stop_reason == "stop" else ev.token,
+                                        final=ev.stop_reason is not None)
+        latents: list[tuple[int, float]] = []
+        if record and splice.last is not None:
+            vals, ids = splice.last.values[ev.index].tolist(), splice.last.indices[ev.index].tolist()
+            latents = [(i, v) for i, v in zip(ids, vals) if v > 0]
+        yield SteeredToken(ev.index, ev.token, piece, ev.stop_reason, latents)

@@ -1,0 +1,171 @@
+"""Steering: the SAE splice leaves the clean model untouched, adds/clamps latents exactly as the SAE's weights say,
+and generation streams steered vs unsteered rows side by side. References are computed densely from the weights."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llama import ModelArgs, Transformer
+from llama.cli import UserError
+from sae.config import SAEConfig
+from sae.model import SAE
+from sae.steer import SAESplice, Steer, find_latents, parse_steer, steered_stream, top_active
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+def tiny_model(seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    args = ModelArgs(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=61, multiple_of=16, max_seq_len=64)
+    return Transformer(args).eval()
+
+
+def tiny_sae(d: int = 32, n: int = 96, k: int = 6, seed: int = 0, normalize: str = "scalar") -> SAE:
+    sae = SAE(SAEConfig(d_in=d, n_latents=n, k=k, hook_name=HOOK, normalize=normalize), seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # non-trivial biases and scale, so every term of the formula matters
+        sae.b_enc.copy_(0.1 * torch.randn(n, generator=g))
+        sae.b_dec.copy_(0.2 * torch.randn(d, generator=g))
+        sae.norm_scale.fill_(0.7)
+    return sae.eval()
+
+
+def dense_code(sae: SAE, x: torch.Tensor) -> torch.Tensor:
+    """Independent TopK reference: z = ReLU(TopK(W_enc (x s - b_dec) + b_enc)), dense [N, n]."""
+    pre = (x * sae.norm_scale - sae.b_dec) @ sae.W_enc.T + sae.b_enc
+    vals, idx = pre.topk(sae.cfg.k, dim=-1)
+    return torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
+
+
+def resid(model: Transformer, tokens: torch.Tensor, edit=None) -> torch.Tensor:
+    return model(tokens, capture=[HOOK], edit=edit).activations[HOOK]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, sae = tiny_model(), tiny_sae()
+    tokens = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(3))
+    return model, sae, tokens
+
+
+def test_no_steering_is_exactly_the_clean_model(setup):
+    model, sae, tokens = setup
+    clean = model(tokens).logits
+    for splice in (SAESplice(sae), SAESplice(sae, record=4), SAESplice(sae, [Steer(5, 0.0)])):
+        logits = model(tokens, edit={HOOK: splice}).logits
+        torch.testing.assert_close(logits, clean, rtol=0, atol=1e-5)
+    assert torch.equal(model(tokens, edit={HOOK: SAESplice(sae, record=4)}).logits, clean)
+
+
+def test_add_moves_the_residual_by_strength_times_decoder_row(setup):
+    model, sae, tokens = setup
+    x = resid(model, tokens)
+    for latent, s in ((7, 3.0), (40, -2.5)):
+        x2 = resid(model, tokens, {HOOK: SAESplice(sae, [Steer(latent, s)])})
+        expected = x + s * sae.W_dec[latent].detach() / sae.norm_scale  # decoder row in raw space
+        torch.testing.assert_close(x2, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_clamp_sets_the_latent_value(setup):
+    model, sae, tokens = setup
+    x = resid(model, tokens)
+    z = dense_code(sae, x.reshape(-1, 32)).reshape(*x.shape[:2], -1)
+    latent = int(z.gt(0).sum((0, 1)).argmax())  # a latent active somewhere
+    assert z[..., latent].gt(0).any()
+    for value in (0.0, 4.0):
+        x2 = resid(model, tokens, {HOOK: SAESplice(sae, [Steer(latent, value, "clamp")])})
+        delta = (value - z[..., latent:latent + 1]) * sae.W_dec[latent].detach() / sae.norm_scale
+        torch.testing.assert_close(x2, x + delta, rtol=1e-5, atol=1e-5)
+
+
+def test_pure_reconstruction_matches_dense_reference(setup):
+    model, sae, tokens = setup
+    x = resid(model, tokens).reshape(-1, 32)
+    x_hat = ((dense_code(sae, x) @ sae.W_dec + sae.b_dec) / sae.norm_scale).detach()
+    got = resid(model, tokens, {HOOK: SAESplice(sae, error_term=False)}).reshape(-1, 32)
+    torch.testing.assert_close(got, x_hat, rtol=1e-5, atol=1e-5)
+    assert (got - x).norm() > 1e-3  # a random SAE is a poor reconstruction: the two modes really differ
+
+
+def test_token_normalised_sae_keeps_error_term_exact():
+    model, sae = tiny_model(), tiny_sae(normalize="token")
+    tokens = torch.randint(0, 61, (1, 7))
+    clean = model(tokens).logits
+    got = model(tokens, edit={HOOK: SAESplice(sae, [Steer(3, 0.0), Steer(9, 0.0)])}).logits
+    torch.testing.assert_close(got, clean, rtol=0, atol=1e-5)
+
+
+def test_rows_mask_steers_only_selected_rows(setup):
+    model, sae, tokens = setup
+    x = resid(model, tokens)
+    x2 = resid(model, tokens, {HOOK: SAESplice(sae, [Steer(7, 5.0)], rows=[False, True])})
+    assert torch.equal(x2[0], x[0])
+    assert (x2[1] - x[1]).abs().max() > 0.5
+
+
+def test_record_reports_top_latents_of_the_steered_code(setup):
+    model, sae, tokens = setup
+    splice = SAESplice(sae, [Steer(11, 50.0)], record=3)
+    x = resid(model, tokens)
+    model(tokens, edit={HOOK: splice})
+    z = dense_code(sae, x[:, -1])
+    z[:, 11] += 50.0
+    vals, ids = z.topk(3, dim=-1)
+    assert splice.last is not None and splice.last.indices[:, 0].tolist() == [11, 11]
+    torch.testing.assert_close(splice.last.values, vals, rtol=1e-5, atol=1e-5)
+    assert splice.last.indices.tolist() == ids.tolist()
+    r = top_active(torch.tensor([[1.0, 2.0, 0.5]]), torch.tensor([[4, 4, 2]]), 2)  # duplicates are summed
+    assert r.indices.tolist() == [[4, 2]] and r.values.tolist() == [[3.0, 0.5]]
+
+
+class Label:
+    def __init__(self, label: str, description: str = "", confidence: float = 0.5, detection_score=None):
+        self.label, self.description, self.confidence, self.detection_score = label, description, confidence, detection_score
+
+
+def test_parse_steer_and_label_search():
+    labels = {3: Label("dogs and puppies", confidence=0.9, detection_score=0.6),
+              8: Label("hot dogs", confidence=0.2, detection_score=0.9),
+              12: Label("cats", description="pets like dogs", confidence=1.0)}
+    assert find_latents("DOGS", labels) == [8, 3, 12]  # label hits by detection score, then description hits
+    assert parse_steer("12:4") == Steer(12, 4.0, "add")
+    assert parse_steer("12:-1.5:clamp") == Steer(12, -1.5, "clamp")
+    assert parse_steer("hot dogs:6", labels) == Steer(8, 6.0, "add")
+    assert parse_steer("puppies:0:clamp", labels) == Steer(3, 0.0, "clamp")
+    for bad, msg in (("12", "TARGET:STRENGTH"), ("12:x", "numeric"), (":3", "missing"), ("zebra:3", "no latent label"),
+                     ("dogs:3", "no labels table")):
+        with pytest.raises(UserError, match=msg):
+            parse_steer(bad, labels if bad != "dogs:3" else None)
+    sae = tiny_sae()
+    for steer, msg in ((Steer(96, 1.0), r"\[0, 96\)"), (Steer(1, float("nan")), "strength"),
+                       (Steer(1, 1.0, "mul"), "mode")):
+        with pytest.raises(UserError, match=msg):
+            SAESplice(sae, [steer])
+
+
+class CharTokenizer:
+    """Stand-in tokenizer for generation over a 61-token random model: id i <-> one character."""
+    stop_tokens: set[int] = set()
+
+    def decode(self, ids):
+        return "".join(chr(65 + i) for i in ids)
+
+
+def test_steered_stream_side_by_side_matches_plain_generation(setup):
+    from llama.generate import generate
+    model, sae, _ = setup
+    tok = CharTokenizer()
+    prompt = [1, 5, 9, 2]
+    plain = generate(model, tok, [prompt], 12, temperature=0.0).tokens[0]
+    events = list(steered_stream(model, tok, sae, [prompt, prompt], [Steer(7, 40.0)], 12, rows=[True, False],
+                                 record=3))
+    steered = [e.token for e in events if e.index == 0]
+    unsteered = [e.token for e in events if e.index == 1]
+    assert unsteered == plain  # the unsteered side is exactly the clean model
+    assert steered != plain  # a strong steer changes the greedy completion
+    assert "".join(e.text for e in events if e.index == 1) == tok.decode(plain)
+    assert all(e.latents[0][0] == 7 for e in events if e.index == 0)  # the steered latent dominates
+    with pytest.raises(UserError, match="hook_name"):
+        bad = tiny_sae()
+        bad.cfg.hook_name = ""
+        list(steered_stream(model, tok, bad, [prompt], [], 2))
