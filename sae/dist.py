@@ -1,0 +1,100 @@
+"""torchrun helpers: process group setup (NCCL on GPU, gloo on CPU), global sums, gradient all-reduce.
+
+Data parallelism here is explicit: every rank computes (local numerator) / (global denominator) losses, so the
+SUM of the ranks' gradients, one all-reduce of a flat buffer per step, is exactly the global-batch gradient.
+Multi-node works through torchrun's usual flags (--nnodes, --node-rank, --rdzv-endpoint): this only reads the
+environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+class DistInfo(NamedTuple):
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(pref: str, local_rank: int = 0) -> torch.device:
+    if pref == "auto":
+        pref = "cuda" if torch.cuda.is_available() else "cpu"
+    if pref == "cuda":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device(pref)
+
+
+def init(device_pref: str = "auto") -> DistInfo:
+    """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1), else a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_pref, local_rank)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return DistInfo(rank, dist.get_world_size() if dist.is_initialized() else 1, local_rank, device)
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(t: Tensor) -> Tensor:
+    """Global sum of `t` across ranks (a new tensor; identity on one process)."""
+    if not active():
+        return t
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: Tensor) -> Tensor:
+    if not active():
+        return t
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+@torch.no_grad()
+def all_reduce_grads(params: Iterable[torch.nn.Parameter]) -> None:
+    """SUM every parameter's gradient across ranks, in one flat buffer (one collective per step)."""
+    if not active():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+@torch.no_grad()
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Make every rank's parameters and buffers identical to rank `src`'s."""
+    if not active():
+        return
+    for t in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(t.data, src)
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

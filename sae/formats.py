@@ -1,0 +1,151 @@
+"""SAE files: our SAELens-compatible folder (save/load), export to EleutherAI sparsify, import of the earlier
+project's `.pth`.
+
+SAELens folder = `cfg.json` + `sae_weights.safetensors` with W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in],
+b_dec (+ `threshold` for JumpReLU). The dataset scalar s is FOLDED into the weights so any SAELens-style reader
+sees raw activations in and out (`normalize_activations: "none"`); `cfg["llama_sae"]` records s and our config
+so `load` unfolds it back to unit-norm decoder rows exactly (up to float rounding).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save as st_save
+
+from llama.cli import UserError, atomic_write_bytes, atomic_write_json
+from sae.config import SAEConfig
+from sae.model import SAE
+
+SAELENS_ARCH = {"topk": "topk", "batchtopk": "jumprelu", "relu": "standard"}
+
+
+def _folded(sae: SAE) -> dict[str, torch.Tensor]:
+    """Raw-space weights (scalar normalisation folded in), our [n, d] orientation."""
+    s = float(sae.norm_scale) if sae.cfg.normalize == "scalar" else 1.0
+    return {"W_enc": sae.W_enc.detach().float() * s, "b_enc": sae.b_enc.detach().float(),
+            "W_dec": sae.W_dec.detach().float() / s, "b_dec": sae.b_dec.detach().float() / s}
+
+
+def save(sae: SAE, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write `out_dir/cfg.json` + `out_dir/sae_weights.safetensors` (atomically)."""
+    out = Path(out_dir)
+    c = sae.cfg
+    w = _folded(sae)
+    tensors = {"W_enc": w["W_enc"].T.contiguous(), "b_enc": w["b_enc"], "W_dec": w["W_dec"].contiguous(), "b_dec": w["b_dec"]}
+    if c.architecture == "batchtopk":
+        tensors["threshold"] = sae.threshold.detach().float().clone()
+    cfg = {
+        "architecture": SAELENS_ARCH[c.architecture], "d_in": c.d_in, "d_sae": c.n_latents, "dtype": "float32",
+        "device": "cpu", "apply_b_dec_to_input": True,
+        "normalize_activations": "layer_norm" if c.normalize == "token" else "none",
+        "reshape_activations": "none", "hook_name": c.hook_name, "model_name": c.model,
+        "metadata": {"model_name": c.model, "hook_name": c.hook_name, "hook_head_index": None, "prepend_bos": True},
+        "llama_sae": {**c.__dict__, "norm_scale": float(sae.norm_scale), **(extra or {})},
+    }
+    if c.architecture == "topk":
+        cfg["k"] = c.k
+    atomic_write_bytes(out / "sae_weights.safetensors", st_save(tensors))
+    atomic_write_json(out / "cfg.json", cfg)
+    return out
+
+
+def _read_cfg(path: Path) -> dict[str, Any]:
+    if not (path / "cfg.json").is_file() or not (path / "sae_weights.safetensors").is_file():
+        raise UserError(f"{path}: expected an SAE folder with cfg.json and sae_weights.safetensors")
+    try:
+        return json.loads((path / "cfg.json").read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path / 'cfg.json'}: not valid JSON ({e})") from e
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> SAE:
+    """Read a SAELens-style folder (ours, or a plain SAELens topk/jumprelu/standard SAE) into an SAE."""
+    path = Path(path)
+    raw = _read_cfg(path)
+    t = load_file(str(path / "sae_weights.safetensors"))
+    for key in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        if key not in t:
+            raise UserError(f"{path / 'sae_weights.safetensors'}: missing tensor {key!r} (has {sorted(t)})")
+    ours = raw.get("llama_sae")
+    meta = raw.get("metadata") or {}
+    if ours is not None:
+        cfg = SAEConfig.from_dict(ours)
+        s = float(ours.get("norm_scale", 1.0)) if cfg.normalize == "scalar" else 1.0
+    else:
+        arch = {"topk": "topk", "jumprelu": "batchtopk", "standard": "relu"}.get(raw.get("architecture", "standard"))
+        if arch is None:
+            raise UserError(f"{path / 'cfg.json'}: unsupported architecture {raw.get('architecture')!r}")
+        norm = {"none": "none", "layer_norm": "token"}.get(raw.get("normalize_activations", "none"))
+        if norm is None:
+            raise UserError(f"{path / 'cfg.json'}: unsupported normalize_activations {raw['normalize_activations']!r}")
+        cfg = SAEConfig(d_in=int(raw["d_in"]), n_latents=int(raw["d_sae"]), k=int(raw.get("k", 1)), architecture=arch,
+                        normalize=norm, hook_name=raw.get("hook_name") or meta.get("hook_name", ""),
+                        model=raw.get("model_name") or meta.get("model_name", ""))
+        s = 1.0
+    if t["W_enc"].shape != (cfg.d_in, cfg.n_latents) or t["W_dec"].shape != (cfg.n_latents, cfg.d_in):
+        raise UserError(f"{path}: W_enc {tuple(t['W_enc'].shape)} / W_dec {tuple(t['W_dec'].shape)} do not match "
+                        f"d_in={cfg.d_in}, d_sae={cfg.n_latents}")
+    sae = SAE(cfg, device="cpu")
+    with torch.no_grad():
+        W_enc = t["W_enc"].float().T
+        b_enc = t["b_enc"].float()
+        if ours is None and not raw.get("apply_b_dec_to_input", True):  # pre = W x + b: fold b_dec into b_enc
+            b_enc = b_enc + W_enc @ t["b_dec"].float()
+        sae.W_enc.copy_(W_enc / s)
+        sae.b_enc.copy_(b_enc)
+        sae.W_dec.copy_(t["W_dec"].float() * s)
+        sae.b_dec.copy_(t["b_dec"].float() * s)
+        sae.norm_scale.fill_(s)
+        if "threshold" in t:
+            sae.threshold.copy_(t["threshold"].float())
+    return sae.to(device).eval()
+
+
+def export_sparsify(sae: SAE, out_dir: str | Path) -> Path:
+    """EleutherAI sparsify layout: `cfg.json` + `sae.safetensors` (encoder.weight [n, d], encoder.bias, W_dec
+    [n, d], b_dec), raw space (scale folded in; decoder rows then have norm 1/s, so normalize_decoder=false)."""
+    if sae.cfg.architecture != "topk" or sae.cfg.normalize == "token":
+        raise UserError("sparsify export needs a topk SAE without per-token normalisation "
+                        f"(this one: {sae.cfg.architecture}, normalize={sae.cfg.normalize})")
+    out = Path(out_dir)
+    w = _folded(sae)
+    tensors = {"encoder.weight": w["W_enc"].contiguous(), "encoder.bias": w["b_enc"], "W_dec": w["W_dec"].contiguous(),
+               "b_dec": w["b_dec"]}
+    c = sae.cfg
+    atomic_write_bytes(out / "sae.safetensors", st_save(tensors))
+    atomic_write_json(out / "cfg.json", {"expansion_factor": max(1, c.n_latents // c.d_in), "normalize_decoder": False,
+                                         "num_latents": c.n_latents, "k": c.k, "multi_topk": False,
+                                         "skip_connection": False, "transcode": False, "d_in": c.d_in})
+    return out
+
+
+def import_legacy_pth(path: str | Path, k: int, hook_name: str = "", model: str = "") -> SAE:
+    """The earlier project's `.pth`: keys `b_pre` [d], `encoder.weight` [n, d], `encoder.bias` [n],
+    `decoder.weight` [d, n] (nn.Linear(n, d)); inputs standardised per token. Loaded as-is (its decoder was
+    normalised along the wrong axis, so rows are NOT unit norm; TopK rankings forbid rescaling them away)."""
+    path = Path(path)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input problem
+        raise UserError(f"{path}: cannot read as a torch state dict ({e})") from e
+    for wrapper in ("state_dict", "model", "sae"):
+        if isinstance(sd, dict) and wrapper in sd and isinstance(sd[wrapper], dict):
+            sd = sd[wrapper]
+    need = ("b_pre", "encoder.weight", "encoder.bias", "decoder.weight")
+    if not isinstance(sd, dict) or any(key not in sd for key in need):
+        got = sorted(sd) if isinstance(sd, dict) else type(sd).__name__
+        raise UserError(f"{path}: expected keys {need}, got {got}")
+    n, d = sd["encoder.weight"].shape
+    if sd["decoder.weight"].shape != (d, n) or sd["b_pre"].shape != (d,) or sd["encoder.bias"].shape != (n,):
+        raise UserError(f"{path}: inconsistent shapes for an SAE with d={d}, n={n}")
+    sae = SAE(SAEConfig(d_in=d, n_latents=n, k=k, architecture="topk", normalize="token", hook_name=hook_name,
+                        model=model))
+    with torch.no_grad():
+        sae.W_enc.copy_(sd["encoder.weight"].float())
+        sae.b_enc.copy_(sd["encoder.bias"].float())
+        sae.W_dec.copy_(sd["decoder.weight"].float().T)
+        sae.b_dec.copy_(sd["b_pre"].float())
+    return sae.eval()

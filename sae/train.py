@@ -1,0 +1,262 @@
+"""One readable SAE training loop: single process or torchrun (DDP with explicit gradient all-reduce).
+
+Per step: forward (FVU + aux_coef * AuxK [+ L1]) with global denominators -> backward -> all-reduce SUM of grads
+-> remove the decoder-row-parallel gradient -> clip -> Adam step -> LR schedule -> renormalise decoder rows ->
+EMA -> dead-latent counters (in tokens, synchronised across ranks). Checkpoints are atomic and hold everything
+needed for an exact resume (weights, optimizer, scheduler, step = data position, dead counters, EMA, RNG).
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import torch
+from tqdm import tqdm
+
+from llama.cli import UserError, atomic_write_bytes, save_config
+from sae import dist
+from sae.config import SAEConfig, TrainConfig
+from sae.formats import save as save_sae
+from sae.loss import fire_counts, l0, usage
+from sae.model import SAE, init_from_sample
+
+
+class TrainResult(NamedTuple):
+    sae: SAE
+    step: int
+    metrics: dict[str, float]
+    out_dir: Path
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    warm = min(cfg.warmup_steps, max(cfg.steps // 10, 1))
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        t = (step - warm) / max(cfg.steps - warm, 1)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    return f
+
+
+def make_optimizer(sae: SAE, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = [{"params": [sae.W_enc, sae.W_dec], "weight_decay": cfg.weight_decay},
+              {"params": [sae.b_enc, sae.b_dec], "weight_decay": 0.0}]  # never decay biases
+    return torch.optim.AdamW(groups, lr=cfg.peak_lr(sae.cfg.n_latents), betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def sae_config_for(cfg: TrainConfig, source: Any) -> SAEConfig:
+    d = int(source.d_model)
+    man = getattr(source, "manifest", {}) or {}
+    hook = cfg.point or man.get("hook_name") or (man.get("capture_points") or [""])[0]
+    return SAEConfig(d_in=d, n_latents=cfg.n_latents or cfg.expansion * d, k=cfg.k, architecture=cfg.architecture,
+                     normalize=cfg.normalize, k_aux=cfg.k_aux, aux_coef=cfg.aux_coef, l1_coef=cfg.l1_coef,
+                     hook_name=hook, model=str(man.get("model", "")))
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, source: Any, info: dist.DistInfo | None = None) -> None:
+        self.cfg, self.source = cfg, source
+        self.info = info or dist.DistInfo(0, 1, 0, dist.pick_device(cfg.device))
+        if cfg.batch_size % self.info.world_size:
+            raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {self.info.world_size} ranks")
+        self.per_rank = cfg.batch_size // self.info.world_size
+        self.out = Path(cfg.out)
+        self.ckpt_path = self.out / "checkpoint.pt"
+        torch.manual_seed(cfg.seed)
+        self.sae = SAE(sae_config_for(cfg, source), device=self.info.device, seed=cfg.seed)
+        self.opt = make_optimizer(self.sae, cfg)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
+        n = self.sae.cfg.n_latents
+        self.tokens_since_fired = torch.zeros(n, dtype=torch.long, device=self.info.device)
+        self.window_counts = torch.zeros(n, dtype=torch.long, device=self.info.device)
+        self.window_tokens = 0
+        self.ema = {k: p.detach().clone() for k, p in self.sae.named_parameters()} if cfg.ema_decay > 0 else None
+        self.step = 0
+
+    # ---- init / checkpoint ---------------------------------------------------------------------------
+    def init_weights(self) -> None:
+        """Scale and b_dec from one sample, identical on every rank (same rows), then broadcast for safety."""
+        rows = min(self.cfg.init_rows, self.source.num_rows("train"))
+        sample = next(iter(self.source.batches(rows, split="train", seed=self.cfg.seed + 1, loop=False)))
+        init_from_sample(self.sae, sample, self.cfg.b_dec_init)
+        dist.broadcast_module(self.sae)
+        if self.ema is not None:
+            self.ema = {k: p.detach().clone() for k, p in self.sae.named_parameters()}
+
+    def state(self) -> dict[str, Any]:
+        return {"sae": self.sae.state_dict(), "sae_cfg": dict(self.sae.cfg.__dict__), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "step": self.step, "data_position": self.step,
+                "tokens_since_fired": self.tokens_since_fired.cpu(), "window_counts": self.window_counts.cpu(),
+                "window_tokens": self.window_tokens, "ema": self.ema, "rng": torch.get_rng_state()}
+
+    def save_checkpoint(self) -> None:
+        if self.info.is_main:
+            buf = io.BytesIO()
+            torch.save(self.state(), buf)
+            atomic_write_bytes(self.ckpt_path, buf.getvalue())
+        dist.barrier()
+
+    def load_checkpoint(self) -> bool:
+        if not self.ckpt_path.is_file():
+            return False
+        try:
+            st = torch.load(self.ckpt_path, map_location=self.info.device, weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"{self.ckpt_path}: unreadable checkpoint ({e})") from e
+        if SAEConfig.from_dict(st["sae_cfg"]) != self.sae.cfg:
+            raise UserError(f"{self.ckpt_path}: checkpoint SAE config {st['sae_cfg']} differs from the flags given")
+        self.sae.load_state_dict(st["sae"])
+        self.opt.load_state_dict(st["optimizer"])
+        self.sched.load_state_dict(st["scheduler"])
+        self.step = int(st["step"])
+        self.tokens_since_fired.copy_(st["tokens_since_fired"])
+        self.window_counts.copy_(st["window_counts"])
+        self.window_tokens = int(st["window_tokens"])
+        self.ema = st["ema"]
+        torch.set_rng_state(st["rng"].cpu())
+        return True
+
+    # ---- one step --------------------------------------------------------------------------------------
+    def train_step(self, x: torch.Tensor) -> dict[str, float]:
+        cfg, sae = self.cfg, self.sae
+        dead_mask = self.tokens_since_fired >= cfg.dead_tokens
+        dev = self.info.device.type
+        with torch.autocast(device_type=dev, dtype=torch.bfloat16, enabled=cfg.autocast and dev == "cuda"):
+            out = sae(x, dead_mask, reduce=dist.all_reduce_sum)
+        loss = out.fvu + sae.cfg.aux_coef * out.auxk_loss + out.l1_loss
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        dist.all_reduce_grads(sae.parameters())
+        sae.remove_parallel_grads()
+        gnorm = torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        self.opt.step()
+        self.sched.step()
+        sae.normalize_decoder()
+        if self.ema is not None:
+            with torch.no_grad():
+                for k, p in sae.named_parameters():
+                    self.ema[k].lerp_(p.detach(), 1 - cfg.ema_decay)
+        counts = dist.all_reduce_sum(fire_counts(out.top_acts.detach(), out.top_indices, sae.cfg.n_latents))
+        self.tokens_since_fired += cfg.batch_size
+        self.tokens_since_fired[counts > 0] = 0
+        self.window_counts += counts
+        self.window_tokens += cfg.batch_size
+        stats = dist.all_reduce_sum(torch.stack([out.fvu.detach().float(), out.auxk_loss.detach().float(),
+                                                 out.l1_loss.detach().float(), loss.detach().float(),
+                                                 torch.tensor(l0(out.top_acts.detach()), device=x.device)]))
+        w = self.info.world_size
+        return {"loss": float(stats[3]), "fvu": float(stats[0]), "auxk": float(stats[1]), "l1": float(stats[2]),
+                "l0": float(stats[4]) / w, "grad_norm": float(gnorm), "dead": float(dead_mask.float().mean())}
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        self.sae.eval()
+        fvus, l0s = [], []
+        try:
+            it = self.source.batches(self.per_rank, split="val", seed=0, rank=self.info.rank,
+                                     world_size=self.info.world_size, device=self.info.device, loop=False)
+            for _, x in zip(range(self.cfg.val_batches), it):
+                out = self.sae(x, reduce=dist.all_reduce_sum)
+                fvus.append(float(out.fvu))
+                l0s.append(l0(out.top_acts))
+        except UserError:
+            pass  # validation split smaller than one batch
+        self.sae.train()
+        if not fvus:
+            return {}
+        return {"val_fvu": sum(fvus) / len(fvus), "val_l0": float(dist.all_reduce_sum(torch.tensor(sum(l0s) / len(l0s))))
+                / self.info.world_size}
+
+    # ---- the loop --------------------------------------------------------------------------------------
+    def run(self, callback: Callable[[int, SAE], None] | None = None) -> TrainResult:
+        cfg, main = self.cfg, self.info.is_main
+        resumed = cfg.resume and self.load_checkpoint()
+        if not resumed:
+            self.init_weights()
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "train_config.json")
+        log = _MetricsLog(self.out / "metrics.jsonl", self.step, main, cfg.wandb_project, cfg)
+        it = self.source.batches(self.per_rank, split="train", seed=cfg.seed, rank=self.info.rank,
+                                 world_size=self.info.world_size, device=self.info.device, start_batch=self.step)
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (main and cfg.progress), desc="sae", unit="step")
+        metrics: dict[str, float] = {}
+        t0, tok0 = time.perf_counter(), self.step
+        while self.step < cfg.steps:
+            metrics = self.train_step(next(it))
+            self.step += 1
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                dt = time.perf_counter() - t0
+                use = usage(self.window_counts, self.window_tokens)
+                metrics.update(step=self.step, lr=self.sched.get_last_lr()[0], dense=use.dense_fraction,
+                               unfired_window=use.dead_fraction,
+                               tokens_per_s=(self.step - tok0) * cfg.batch_size / max(dt, 1e-9))
+                self.window_counts.zero_()
+                self.window_tokens = 0
+                if cfg.val_every and (self.step % cfg.val_every == 0 or self.step == cfg.steps):
+                    metrics.update(self.validate())
+                log.write(metrics)
+                bar.set_postfix(fvu=f"{metrics['fvu']:.4f}", l0=f"{metrics['l0']:.1f}", dead=f"{metrics['dead']:.3f}")
+            if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.steps:
+                self.save_checkpoint()
+            if callback is not None:
+                callback(self.step, self.sae)
+        bar.close()
+        log.close()
+        final = self.final_sae()
+        if main:
+            save_sae(final, self.out / "sae", extra={"train_steps": self.step, "train_tokens": self.step * cfg.batch_size})
+        dist.barrier()
+        return TrainResult(final, self.step, metrics, self.out)
+
+    def final_sae(self) -> SAE:
+        if self.ema is None:
+            return self.sae
+        sae = SAE(self.sae.cfg, device=self.info.device)
+        sae.load_state_dict({**self.sae.state_dict(), **self.ema})
+        return sae
+
+
+class _MetricsLog:
+    """metrics.jsonl (lines past the resumed step are dropped first) and, when asked and installed, W&B."""
+
+    def __init__(self, path: Path, step: int, main: bool, wandb_project: str, cfg: TrainConfig) -> None:
+        self.main, self.wandb = main, None
+        if not main:
+            return
+        if path.exists():
+            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+            path.write_text("".join(ln + "\n" for ln in keep))
+        self.fh = open(path, "a")
+        if wandb_project:
+            try:
+                import wandb  # type: ignore[import-not-found]
+                self.wandb = wandb.init(project=wandb_project, config=cfg.__dict__, resume="allow")
+            except ImportError:
+                print("warning: --wandb-project given but wandb is not installed; logging to metrics.jsonl only")
+
+    def write(self, metrics: dict[str, float]) -> None:
+        if self.main:
+            self.fh.write(json.dumps(metrics) + "\n")
+            self.fh.flush()
+            if self.wandb is not None:
+                self.wandb.log(metrics, step=int(metrics["step"]))
+
+    def close(self) -> None:
+        if self.main:
+            self.fh.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+
+
+def train(cfg: TrainConfig, source: Any, info: dist.DistInfo | None = None,
+          callback: Callable[[int, SAE], None] | None = None) -> TrainResult:
+    return Trainer(cfg, source, info).run(callback)
