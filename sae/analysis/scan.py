@@ -1,0 +1,154 @@
+"""Pass 1 of top contexts: one stream over the activations, for EVERY latent at once.
+
+For each complete context (a run of rows with one doc id) and each latent, three scores are formed densely for a
+group of G contexts ([G, L], G chosen so the group stays within a memory budget):
+    max  = max over the context's tokens of the latent's activation (and the argmax token position)
+    mean = sum over tokens / number of (non-BOS) tokens
+    last = activation at the last token
+and merged into running top-N lists (`RunningTopN`). Every context competes for every latent, so a sentence is
+credited to all the latents it activates (the earlier project credited each sentence only to its single top
+latent, and 90% of latents never got an example).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from sae.analysis.latent_stats import LatentStats
+from sae.analysis.sources import Chunk
+from sae.analysis.topn import RunningTopN
+
+AGGREGATIONS = ("max", "mean", "last")
+NO_POS = 2**62
+
+
+class ScanResult(NamedTuple):
+    tops: dict[str, RunningTopN]  # agg -> lists with payload "ctx" (global context id) and "pos"
+    stats: LatentStats
+    ctx_row0: np.ndarray  # [n_contexts_seen] first row of each context
+    ctx_len: np.ndarray
+    ctx_doc: np.ndarray
+    random_ctx: np.ndarray  # [R] global context ids of the random sample
+    random_fired: dict[int, tuple[np.ndarray, np.ndarray]]  # ctx id -> (latents active in it, their max act)
+
+
+def _boundaries(c: Chunk) -> np.ndarray:
+    """Start index of every context in the chunk (doc id changes or rows are not consecutive)."""
+    new = np.ones(len(c.doc_id), dtype=bool)
+    new[1:] = (c.doc_id[1:] != c.doc_id[:-1]) | (c.row[1:] != c.row[:-1] + 1)
+    return np.flatnonzero(new)
+
+
+def _cat(a: Chunk, b: Chunk) -> Chunk:
+    return Chunk(torch.cat([a.x, b.x]), *(np.concatenate([u, v]) for u, v in zip(a[1:], b[1:])))
+
+
+def _slice(c: Chunk, i0: int, i1: int) -> Chunk:
+    return Chunk(*(t[i0:i1] for t in c))
+
+
+class Scanner:
+    def __init__(self, sae: Any, n_latents: int, n: int = 50, hist_bins: int = 64, n_random: int = 500,
+                 bos_id: int | None = None, group_elems: int = 1 << 22, seed: int = 0,
+                 device: str | torch.device = "cpu"):
+        self.sae, self.L, self.bos_id, self.device = sae, n_latents, bos_id, device
+        self.group = max(1, group_elems // n_latents)
+        self.tops = {a: RunningTopN(n_latents, n, ("ctx", "pos"), device) for a in AGGREGATIONS}
+        self.stats = LatentStats(n_latents, hist_bins, device)
+        self.reservoir = RunningTopN(1, max(n_random, 1), ("ctx",), device)
+        self.n_random = n_random
+        self.random_fired: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.gen = torch.Generator().manual_seed(seed)
+        self.table: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.n_ctx = 0
+
+    def run(self, chunks: Iterable[Chunk], total_rows: int | None = None, progress: bool = True) -> ScanResult:
+        carry: Chunk | None = None
+        bar = tqdm(total=total_rows, unit="tok", desc="top contexts", disable=not progress, mininterval=1.0)
+        for chunk in chunks:
+            bar.update(len(chunk.token_id))
+            carry = self._process(_cat(carry, chunk) if carry is not None else chunk, final=False)
+        if carry is not None and len(carry.token_id):
+            self._process(carry, final=True)
+        bar.close()
+        row0, ln, doc = (np.concatenate([t[j] for t in self.table]) if self.table else np.zeros(0, np.int64)
+                         for j in range(3))
+        kept = self.reservoir.payload["ctx"][0]
+        kept = kept[kept >= 0].cpu().numpy()
+        fired = {int(c): self.random_fired[int(c)] for c in kept}
+        return ScanResult(self.tops, self.stats, row0, ln, doc, kept, fired)
+
+    @torch.no_grad()
+    def _process(self, c: Chunk, final: bool) -> Chunk | None:
+        starts = _boundaries(c)
+        cut = len(c.token_id) if final else int(starts[-1])
+        if cut == 0:
+            return c  # one context still open: wait for more rows
+        done, rest = _slice(c, 0, cut), _slice(c, cut, len(c.token_id))
+        starts = starts[starts < cut]
+        ends = np.append(starts[1:], cut)
+        n_ctx = len(starts)
+        ids = np.arange(self.n_ctx, self.n_ctx + n_ctx, dtype=np.int64)
+        self.table.append((done.row[starts], ends - starts, done.doc_id[starts]))
+        self.n_ctx += n_ctx
+
+        enc = self.sae.encode(done.x.to(self.device))
+        acts, idx = enc[0].float(), enc[1].long()
+        valid = torch.ones(cut, dtype=torch.bool, device=self.device)
+        if self.bos_id is not None:
+            valid = torch.from_numpy(done.token_id != self.bos_id).to(self.device)
+            acts = acts * valid[:, None]
+        self.stats.update(acts[valid], idx[valid], int(valid.sum()))
+
+        tctx = torch.from_numpy(np.repeat(np.arange(n_ctx), ends - starts)).to(self.device)
+        tpos = torch.arange(cut, device=self.device) - torch.from_numpy(starts).to(self.device)[tctx]
+        for g0 in range(0, n_ctx, self.group):
+            g1 = min(g0 + self.group, n_ctx)
+            t0, t1 = int(starts[g0]), int(ends[g1 - 1])
+            self._group(acts[t0:t1], idx[t0:t1], tctx[t0:t1] - g0, tpos[t0:t1], valid[t0:t1],
+                        torch.from_numpy(ids[g0:g1]).to(self.device),
+                        torch.from_numpy(ends[g0:g1] - starts[g0:g1] - 1).to(self.device))
+        return rest if len(rest.token_id) else None
+
+    def _group(self, acts: Tensor, idx: Tensor, tctx: Tensor, tpos: Tensor, valid: Tensor, gid: Tensor,
+               last: Tensor) -> None:
+        g, L, k = gid.numel(), self.L, acts.shape[1]
+        key = (tctx[:, None] * L + idx).reshape(-1)
+        a = acts.reshape(-1)
+        maxv = torch.zeros(g * L, device=acts.device).scatter_reduce_(0, key, a, reduce="amax")
+        is_max = (a > 0) & (a == maxv[key])
+        posv = torch.full((g * L,), NO_POS, dtype=torch.long, device=acts.device)
+        posv.scatter_reduce_(0, key[is_max], tpos[:, None].expand(-1, k).reshape(-1)[is_max], reduce="amin")
+        sumv = torch.zeros(g * L, device=acts.device).index_add_(0, key, a)
+        n_valid = torch.zeros(g, device=acts.device).index_add_(0, tctx, valid.float()).clamp(min=1)
+        is_last = (tpos == last[tctx])[:, None].expand(-1, k).reshape(-1)
+        lastv = torch.zeros(g * L, device=acts.device).index_put_((key[is_last],), a[is_last])
+
+        def cand(v: Tensor) -> Tensor:
+            v = v.view(g, L).T
+            return torch.where(v > 0, v, torch.full_like(v, float("-inf")))
+
+        pos = torch.where(posv == NO_POS, torch.full_like(posv, -1), posv).view(g, L).T
+        self.tops["max"].merge(cand(maxv), {"ctx": gid, "pos": pos})
+        self.tops["mean"].merge(cand(sumv.view(g, L) / n_valid[:, None]), {"ctx": gid, "pos": pos})
+        self.tops["last"].merge(cand(lastv), {"ctx": gid, "pos": last})
+        if self.n_random > 0:
+            self._sample(maxv.view(g, L), gid)
+
+    def _sample(self, maxv: Tensor, gid: Tensor) -> None:
+        """Reservoir sample of contexts (keep the R largest random keys) with the latents active in each."""
+        keys = torch.rand(gid.numel(), generator=self.gen).to(maxv.device)
+        enter = (keys > self.reservoir.values[0, -1]).nonzero().squeeze(1)
+        if enter.numel() == 0:
+            return
+        for r in enter.tolist():
+            lat = maxv[r].nonzero().squeeze(1)
+            self.random_fired[int(gid[r])] = (lat.cpu().numpy().astype(np.int32), maxv[r, lat].cpu().numpy())
+        self.reservoir.merge(keys[None], {"ctx": gid})
+        if len(self.random_fired) > 4 * self.n_random:
+            kept = set(self.reservoir.payload["ctx"][0].tolist())
+            self.random_fired = {c: v for c, v in self.random_fired.items() if c in kept}
