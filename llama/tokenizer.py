@@ -71,6 +71,7 @@ class Tokenizer(ABC):
     eos_id: int
     pad_id: int  # -1 when the vocabulary has none
     n_words: int  # vocabulary size, special tokens included
+    path: Path  # the file it was loaded from
 
     @property
     def stop_tokens(self) -> set[int]:
@@ -157,7 +158,7 @@ class TiktokenTokenizer(Tokenizer):
     def __init__(self, file: str | Path):
         import tiktoken
 
-        file = Path(file)
+        self.path = file = Path(file)
         ranks = load_bpe_ranks(file)
         n_base = len(ranks)
         self.special_tokens = {t: n_base + i for i, t in enumerate(llama3_special_tokens())}
@@ -194,7 +195,7 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, file: str | Path):
         import sentencepiece as spm
 
-        file = Path(file)
+        self.path = file = Path(file)
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.Load(str(file))
