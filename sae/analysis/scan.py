@@ -32,14 +32,15 @@ class ScanResult(NamedTuple):
     ctx_row0: np.ndarray  # [n_contexts_seen] first row of each context
     ctx_len: np.ndarray
     ctx_doc: np.ndarray
+    ctx_sub: np.ndarray  # the store's context index within the document
     random_ctx: np.ndarray  # [R] global context ids of the random sample
     random_fired: dict[int, tuple[np.ndarray, np.ndarray]]  # ctx id -> (latents active in it, their max act)
 
 
 def _boundaries(c: Chunk) -> np.ndarray:
-    """Start index of every context in the chunk (doc id changes or rows are not consecutive)."""
+    """Start index of every context in the chunk (doc id or context index changes, or rows are not consecutive)."""
     new = np.ones(len(c.doc_id), dtype=bool)
-    new[1:] = (c.doc_id[1:] != c.doc_id[:-1]) | (c.row[1:] != c.row[:-1] + 1)
+    new[1:] = (c.doc_id[1:] != c.doc_id[:-1]) | (c.ctx[1:] != c.ctx[:-1]) | (c.row[1:] != c.row[:-1] + 1)
     return np.flatnonzero(new)
 
 
@@ -63,7 +64,7 @@ class Scanner:
         self.n_random = n_random
         self.random_fired: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.gen = torch.Generator().manual_seed(seed)
-        self.table: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.table: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         self.n_ctx = 0
 
     def run(self, chunks: Iterable[Chunk], total_rows: int | None = None, progress: bool = True) -> ScanResult:
@@ -75,12 +76,12 @@ class Scanner:
         if carry is not None and len(carry.token_id):
             self._process(carry, final=True)
         bar.close()
-        row0, ln, doc = (np.concatenate([t[j] for t in self.table]) if self.table else np.zeros(0, np.int64)
-                         for j in range(3))
+        row0, ln, doc, sub = (np.concatenate([t[j] for t in self.table]) if self.table
+                              else np.zeros(0, np.int64) for j in range(4))
         kept = self.reservoir.payload["ctx"][0]
         kept = kept[kept >= 0].cpu().numpy()
         fired = {int(c): self.random_fired[int(c)] for c in kept}
-        return ScanResult(self.tops, self.stats, row0, ln, doc, kept, fired)
+        return ScanResult(self.tops, self.stats, row0, ln, doc, sub, kept, fired)
 
     @torch.no_grad()
     def _process(self, c: Chunk, final: bool) -> Chunk | None:
@@ -93,7 +94,7 @@ class Scanner:
         ends = np.append(starts[1:], cut)
         n_ctx = len(starts)
         ids = np.arange(self.n_ctx, self.n_ctx + n_ctx, dtype=np.int64)
-        self.table.append((done.row[starts], ends - starts, done.doc_id[starts]))
+        self.table.append((done.row[starts], ends - starts, done.doc_id[starts], done.ctx[starts]))
         self.n_ctx += n_ctx
 
         enc = self.sae.encode(done.x.to(self.device))

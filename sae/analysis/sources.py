@@ -19,6 +19,7 @@ class Chunk(NamedTuple):
     x: Tensor  # [T, d] float32 activations
     token_id: np.ndarray  # [T] int64
     doc_id: np.ndarray  # [T] int64
+    ctx: np.ndarray  # [T] int64 context index within the document (sentence / window; 0 for --text)
     row: np.ndarray  # [T] int64 row index (store row, or a running index over the text's tokens)
 
 
@@ -42,8 +43,10 @@ class StoreSource:
         for i0 in range(0, self.n_rows, self.batch_rows):
             i1 = min(i0 + self.batch_rows, self.n_rows)
             meta = self.store.meta(i0, i1)
+            ctx = meta["ctx"] if "ctx" in meta else np.zeros(i1 - i0)
             yield Chunk(self._rows(i0, i1), np.asarray(meta["token_id"], dtype=np.int64),
-                        np.asarray(meta["doc_id"], dtype=np.int64), np.arange(i0, i1, dtype=np.int64))
+                        np.asarray(meta["doc_id"], dtype=np.int64), np.asarray(ctx, dtype=np.int64),
+                        np.arange(i0, i1, dtype=np.int64))
 
     def read_context(self, row0: int, length: int) -> tuple[Tensor, np.ndarray]:
         meta = self.store.meta(row0, row0 + length)
@@ -91,7 +94,7 @@ class TextSource:
             x = torch.cat(self._acts(docs))
             ids = np.concatenate([np.asarray(d, dtype=np.int64) for d in docs])
             doc = np.concatenate([np.full(len(d), b + i, dtype=np.int64) for i, d in enumerate(docs)])
-            yield Chunk(x, ids, doc, np.arange(self.starts[b], self.starts[b] + len(ids), dtype=np.int64))
+            yield Chunk(x, ids, doc, np.zeros_like(doc), np.arange(self.starts[b], self.starts[b] + len(ids), dtype=np.int64))
 
     def read_context(self, row0: int, length: int) -> tuple[Tensor, np.ndarray]:
         i = int(np.searchsorted(self.starts, row0, side="right")) - 1

@@ -93,6 +93,7 @@ def compute_top_contexts(source: Any, sae: Any, out: str | Path, cfg: TopContext
     _save_npy(out / "contexts_offsets.npy", np.concatenate([[0], np.cumsum(lens)]).astype(np.int64))
     _save_npy(out / "contexts_tokens.npy", np.concatenate(tokens).astype(np.int32) if tokens else np.zeros(0, np.int32))
     _save_npy(out / "contexts_doc_id.npy", res.ctx_doc[ref])
+    _save_npy(out / "contexts_ctx.npy", res.ctx_sub[ref])
     _save_npy(out / "contexts_row0.npy", res.ctx_row0[ref] if source.has_rows else np.full(len(ref), -1, np.int64))
     st = res.stats
     for name, a in (("fire_count", st.fire_count), ("freq", st.freq()), ("max_act", st.max_act),
