@@ -1,0 +1,254 @@
+"""Capture residual-stream activations of a Llama into an activation store, resumably, on one or N ranks.
+
+    cfg = CaptureConfig(model="weights/tiny", inputs=["weights/tiny/heldout.txt"], out="out/activations/tiny")
+    manifest = run_capture(cfg)
+
+The pipeline on each rank: a loader thread reads and tokenizes documents and packs them into batches
+(sae/packing.py); the main thread runs the forward up to the deepest capture point only (stop_early) and keeps
+the non-padding positions in bf16; a writer thread commits fixed-size shards behind a bounded queue
+(sae/store_writer.py). Rank 0 writes manifest.json once every rank is done.
+
+Resume, exactly: the batch stream is a pure function of the inputs and the config, and shard k of a rank holds
+rows [k*shard_rows, (k+1)*shard_rows) of that rank's row stream. A rerun reads which shards are committed, skips
+every batch whose rows all lie before the first missing row (without running the model), recomputes the batch
+that straddles it and drops the rows it already has. Shard statistics are exact and merged at the end, so the
+finished store is the same, shard for shard, as an uninterrupted run. plan.json records what the store holds;
+a rerun with another model, capture point or setting is refused (or wiped with --overwrite).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from llama.cli import UserError, atomic_write_json, config_to_dict, save_config
+from sae import store_format as fmt
+from sae.inputs import count_documents, expand_inputs, file_fingerprint, iter_documents
+from sae.packing import PackSpec, plan_batches, prefetch
+from sae.store_writer import BackgroundWriter, ShardRows, ShardWriter, write_manifest
+
+DEFAULT_MODEL = "weights/tiny"
+
+
+@dataclass
+class CaptureConfig:
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "model folder (Meta or HF layout)"})
+    inputs: list[str] = field(default_factory=list, metadata={
+        "help": ".txt/.jsonl/.parquet files, folders or globs (default: <model>/heldout.txt)"})
+    out: str = field(default="", metadata={"help": "store folder (default: out/activations/<model name>)"})
+    points: list[str] = field(default_factory=list, metadata={
+        "help": "capture points, e.g. blocks.10.hook_resid_post (default: resid_post at ~2/3 depth)"})
+    mode: str = field(default="sentences", metadata={"choices": ["sentences", "windows"],
+                                                    "help": "contexts: sentences or fixed token windows"})
+    ctx_len: int = field(default=64, metadata={"help": "max tokens per context (window length), BOS included"})
+    bos: bool = field(default=True, metadata={"help": "prepend BOS to every context"})
+    keep_bos: bool = field(default=False, metadata={"help": "also store the BOS position (an outlier norm)"})
+    txt_docs: str = field(default="lines", metadata={"choices": ["lines", "file"],
+                                                    "help": ".txt: one document per line, or per file"})
+    text_field: str = field(default="text", metadata={"help": ".jsonl/.parquet text field"})
+    max_docs: int = field(default=0, metadata={"help": "stop after this many documents (0: all)"})
+    batch_tokens: int = field(default=8192, metadata={"help": "padded tokens per forward batch"})
+    max_batch: int = field(default=256, metadata={"help": "max contexts per forward batch"})
+    pack_contexts: int = field(default=2048, metadata={"help": "contexts sorted together by length"})
+    shard_rows: int = field(default=16384, metadata={"help": "rows per shard"})
+    queue_size: int = field(default=8, metadata={"help": "batches the writer queue holds"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:1 ... (auto: cuda if available)"})
+    dtype: str = field(default="auto", metadata={"choices": ["auto", "float32", "bfloat16", "float16"],
+                                                "help": "model compute dtype (auto: bf16 on cuda, fp32 on cpu)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a store of another model/point/setting"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+
+# settings that change which rows (or which values) the store holds: a resume must match them all
+ROW_SETTINGS = ("mode", "ctx_len", "bos", "keep_bos", "txt_docs", "text_field", "max_docs", "batch_tokens",
+                "max_batch", "pack_contexts", "shard_rows", "dtype")
+
+
+def resolve(cfg: CaptureConfig) -> CaptureConfig:
+    """Fill the defaults that depend on other fields (inputs, out, device, dtype)."""
+    model = Path(cfg.model)
+    if not model.exists():
+        hint = " (the embedded tiny model ships in weights/tiny)" if cfg.model == DEFAULT_MODEL else ""
+        raise UserError(f"--model {cfg.model} does not exist{hint}")
+    inputs = list(cfg.inputs) or [str(model / "heldout.txt")]
+    out = cfg.out or str(Path("out") / "activations" / model.resolve().name)
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    for name in ("ctx_len", "batch_tokens", "max_batch", "pack_contexts", "shard_rows", "queue_size"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.ctx_len < 2 and cfg.bos:
+        raise UserError("--ctx-len must be at least 2 when a BOS is prepended")
+    if cfg.batch_tokens < cfg.ctx_len:
+        raise UserError(f"--batch-tokens ({cfg.batch_tokens}) must hold one context (--ctx-len {cfg.ctx_len})")
+    return CaptureConfig(**{**config_to_dict(cfg), "inputs": inputs, "out": out, "device": device, "dtype": dtype})
+
+
+def checkpoint_hash(folder: Path, extra: list[Path] = (), full_below: int = 64 << 20) -> str:
+    """sha256 over the model files: names, sizes, and contents (first and last MiB of files above 64 MiB)."""
+    h = hashlib.sha256()
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and (p.suffix in (".json", ".pth", ".safetensors",
+                   ".model", ".bin") or p.name.startswith("tokenizer"))) if Path(folder).is_dir() else [Path(folder)]
+    for p in [*files, *extra]:
+        size = p.stat().st_size
+        h.update(f"{p.name}:{size}\n".encode())
+        with open(p, "rb") as fh:
+            if size <= full_below:
+                h.update(fh.read())
+            else:
+                h.update(fh.read(1 << 20))
+                fh.seek(size - (1 << 20))
+                h.update(fh.read())
+    return h.hexdigest()
+
+
+def default_point(n_layers: int) -> str:
+    return f"blocks.{max(0, (2 * n_layers) // 3 - 1)}.hook_resid_post"
+
+
+def check_points(points: list[str], model) -> None:
+    valid = set(model.valid_points())
+    for p in points:
+        if p not in valid:
+            n = model.args.n_layers
+            raise UserError(f"unknown capture point {p!r}; valid points are blocks.<i>.<name> with i in 0..{n - 1} "
+                            f"and name one of hook_resid_pre, hook_attn_out, hook_mlp_out, hook_resid_post "
+                            f"(e.g. {default_point(n)})")
+    if len(set(points)) != len(points):
+        raise UserError(f"capture points repeat: {points}")
+
+
+def _describe(plan: dict) -> str:
+    return f"model {plan['model']} (checkpoint {plan['checkpoint_hash'][:12]}), points {plan['points']}"
+
+
+def prepare_store(out: Path, plan: dict, overwrite: bool, is_writer: bool) -> str:
+    """Decide what to do with the output folder: 'new', 'resume' or 'complete'. Refuses foreign stores."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    old = fmt.read_json(out / fmt.PLAN) if (out / fmt.PLAN).exists() else None
+    if old is None and out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {out} is a non-empty folder that is not an activation store; pick an empty or new "
+                        f"folder (refusing to write into it even with --overwrite)")
+    if old is not None and old != plan:
+        if not overwrite:
+            if (old.get("checkpoint_hash"), old.get("points")) != (plan["checkpoint_hash"], plan["points"]):
+                raise UserError(f"--out {out} holds a store of {_describe(old)}, not of {_describe(plan)}; pass "
+                                f"--overwrite to replace it or choose another --out")
+            diff = [k for k in sorted(set(old) | set(plan)) if old.get(k) != plan.get(k)]
+            cdiff = [f"{k}: {old['config'].get(k)!r} -> {plan['config'].get(k)!r}" for k in ROW_SETTINGS
+                     if old.get("config", {}).get(k) != plan["config"].get(k)]
+            raise UserError(f"--out {out} holds a store written with other settings ({'; '.join(cdiff) or diff}); "
+                            f"rerun with the same settings to resume it, or pass --overwrite to replace it")
+        if is_writer:
+            for name in (fmt.MANIFEST, fmt.PLAN, fmt.CONFIG):
+                (out / name).unlink(missing_ok=True)
+            shutil.rmtree(out / fmt.SHARD_DIR, ignore_errors=True)
+        old = None
+    if old is None:
+        return "new"
+    return "complete" if (out / fmt.MANIFEST).exists() else "resume"
+
+
+def _dist_env() -> tuple[int, int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def run_capture(cfg: CaptureConfig, model=None, tokenizer=None) -> dict:
+    """Capture per `cfg` (model and tokenizer are loaded from cfg.model unless given). Returns the manifest."""
+    cfg = resolve(cfg)
+    rank, world, local_rank = _dist_env()
+    dist = None
+    if world > 1:
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+    device = torch.device(f"cuda:{local_rank}" if cfg.device == "cuda" and world > 1 else cfg.device)
+    try:
+        return _capture(cfg, model, tokenizer, rank, world, device, dist)
+    finally:
+        if dist is not None and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _capture(cfg: CaptureConfig, model, tok, rank: int, world: int, device: torch.device, dist) -> dict:
+    files = expand_inputs(cfg.inputs)
+    n_docs, skipped = count_documents(files, cfg.txt_docs, cfg.text_field)
+    n_docs = min(n_docs, cfg.max_docs) if cfg.max_docs else n_docs
+    if model is None or tok is None:
+        import llama
+        if tok is None:
+            tok = llama.Tokenizer.from_file(cfg.model)
+        if model is None:
+            model = llama.load_model(cfg.model, device=device, dtype=getattr(torch, cfg.dtype))
+    model.eval()
+    points = list(cfg.points) or [default_point(model.args.n_layers)]
+    check_points(points, model)
+    out = Path(cfg.out)
+    plan = {"format_version": fmt.FORMAT_VERSION, "model": str(Path(cfg.model).resolve()),
+            "checkpoint_hash": checkpoint_hash(Path(cfg.model)), "points": points, "d_model": model.args.dim,
+            "world_size": world, "sources": [file_fingerprint(f) for f in files],
+            "config": {k: getattr(cfg, k) for k in ROW_SETTINGS}}
+    state = prepare_store(out, plan, cfg.overwrite, is_writer=rank == 0)
+    if state == "complete":
+        if rank == 0:
+            print(f"{out} is already complete ({fmt.read_json(out / fmt.MANIFEST)['rows']} rows); nothing to do")
+        return fmt.read_json(out / fmt.MANIFEST)
+    if rank == 0:
+        (out / fmt.SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / fmt.CONFIG)
+        atomic_write_json(out / fmt.PLAN, plan)
+    if dist is not None:
+        dist.barrier()
+
+    done = fmt.committed_shards(out, rank)
+    resume_row = sum(s["rows"] for s in done)
+    (out / fmt.SHARD_DIR / f"r{rank}.done.json").unlink(missing_ok=True)
+    for stray in [*(out / fmt.SHARD_DIR).glob(f".r{rank}_*.tmp"), *(out / fmt.SHARD_DIR).glob(f".r{rank}.*.tmp")]:
+        stray.unlink(missing_ok=True)  # temp files of a killed run (never part of the store)
+    writer = BackgroundWriter(ShardWriter(out, rank, points, model.args.dim, cfg.shard_rows, resume=done),
+                              cfg.queue_size)
+    spec = PackSpec(cfg.mode, cfg.ctx_len, cfg.bos, cfg.keep_bos, cfg.batch_tokens, cfg.max_batch, cfg.pack_contexts)
+    docs = iter_documents(files, cfg.txt_docs, cfg.text_field)
+    my_docs = len(range(rank, n_docs, world))
+    bar = tqdm(total=my_docs, unit="doc", disable=not cfg.progress or rank != 0, dynamic_ncols=True,
+               desc=f"capture {','.join(points)}" + (f" (rank 0 of {world})" if world > 1 else ""))
+    t0, rows_new = time.perf_counter(), 0
+    try:
+        for batch in prefetch(plan_batches(docs, tok, spec, rank, world, cfg.max_docs)):
+            end = batch.row_start + batch.n_rows
+            if batch.n_rows and end > resume_row:
+                drop = max(0, resume_row - batch.row_start)
+                with torch.inference_mode():
+                    acts = model(batch.tokens.to(device), capture=points, stop_early=True).activations
+                    mask = batch.mask.to(device)
+                    bits = {p: acts[p][mask][drop:].to(torch.bfloat16).cpu().view(torch.int16).numpy().view(np.uint16)
+                            for p in points}
+                writer.put(ShardRows(bits, batch.token_id[drop:], batch.doc_id[drop:], batch.ctx[drop:],
+                                     batch.pos[drop:]))
+                rows_new += batch.n_rows - drop
+            bar.update(batch.docs_done)
+            bar.set_postfix_str(f"{rows_new / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    if dist is not None:
+        dist.barrier()
+    if rank != 0:
+        return {}
+    extra = {"documents": n_docs, "skipped": dict(skipped), "bos": cfg.bos, "keep_bos": cfg.keep_bos,
+             "mode": cfg.mode, "ctx_len": cfg.ctx_len}
+    manifest = write_manifest(out, plan, world, extra)
+    print(f"wrote {manifest['rows']:,} rows x {len(points)} point(s) of d_model {model.args.dim} in "
+          f"{len(manifest['shards'])} shard(s) to {out}" + (f"; skipped {dict(skipped)}" if skipped else ""))
+    return manifest

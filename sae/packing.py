@@ -1,0 +1,162 @@
+"""From documents to padded, length-packed token batches: the deterministic row stream of a capture.
+
+    contexts = make_contexts(text, tok, mode="sentences", ctx_len=64, bos=True)     # list of token-id lists
+    for batch in plan_batches(docs, tok, spec, rank=0, world_size=1): ...
+
+Document i goes to rank i % world_size. Each rank reads its documents in order, cuts them into contexts
+(sentences, or fixed windows of tokens), gathers `pack_contexts` contexts, sorts them by length (longest first,
+ties in reading order) and cuts the sorted list into batches holding at most `batch_tokens` padded tokens, so
+contexts of similar length share a batch and little compute goes to padding. Everything here is a pure function
+of the inputs and the spec, so a rerun produces the same batches with the same row counts: that is what lets a
+resumed capture skip the batches whose rows are already on disk without running the model on them.
+
+Rows of a batch: every position t of context b with skip <= t < len(b), b-major, where skip = 1 when a BOS is
+prepended and not kept (the BOS activation's norm is an outlier); padding positions are never rows.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Iterable, Iterator, NamedTuple, TypeVar
+
+import numpy as np
+import torch
+
+from sae.sentences import split_sentences
+
+T = TypeVar("T")
+
+
+class PackSpec(NamedTuple):
+    mode: str = "sentences"  # "sentences" | "windows"
+    ctx_len: int = 64  # max tokens per context, BOS included
+    bos: bool = True
+    keep_bos: bool = False
+    batch_tokens: int = 4096  # padded tokens per batch (B * T_max)
+    max_batch: int = 256
+    pack_contexts: int = 2048  # contexts sorted together by length
+
+
+class Batch(NamedTuple):
+    tokens: torch.Tensor  # [B, T] long, right-padded with 0
+    mask: torch.Tensor  # [B, T] bool: positions stored as rows
+    token_id: np.ndarray  # [n] per row
+    doc_id: np.ndarray  # [n]
+    ctx: np.ndarray  # [n] context index within its document
+    pos: np.ndarray  # [n] position within the context
+    row_start: int  # index of this batch's first row in the rank's row stream
+    docs_done: int  # documents finished with this batch (for the progress bar)
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.token_id)
+
+
+def make_contexts(text: str, tok, mode: str, ctx_len: int, bos: bool) -> list[list[int]]:
+    """Cut one document into contexts of at most ctx_len tokens (a long sentence becomes several contexts)."""
+    room = ctx_len - int(bos)
+    pieces = [tok.encode(s, bos=False, eos=False) for s in split_sentences(text)] if mode == "sentences" \
+        else [tok.encode(text, bos=False, eos=False)]
+    out = []
+    for ids in pieces:
+        for i in range(0, len(ids), room):
+            out.append(([tok.bos_id] if bos else []) + ids[i:i + room])
+    return out
+
+
+def _pack(items: list[tuple[int, int, list[int]]], spec: PackSpec) -> list[list[tuple[int, int, list[int]]]]:
+    order = sorted(range(len(items)), key=lambda i: (-len(items[i][2]), i))
+    batches, cur = [], []
+    for i in order:
+        longest = len(items[cur[0]][2]) if cur else len(items[i][2])
+        if cur and ((len(cur) + 1) * longest > spec.batch_tokens or len(cur) >= spec.max_batch):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return [[items[i] for i in b] for b in batches]
+
+
+def _to_batch(group: list[tuple[int, int, list[int]]], skip: int, row_start: int, docs_done: int) -> Batch:
+    B, T = len(group), max(len(ids) for _, _, ids in group)
+    tokens = torch.zeros(B, T, dtype=torch.long)
+    lengths = torch.tensor([len(ids) for _, _, ids in group])
+    for b, (_, _, ids) in enumerate(group):
+        tokens[b, :len(ids)] = torch.tensor(ids)
+    t = torch.arange(T)
+    mask = (t[None, :] < lengths[:, None]) & (t[None, :] >= skip)
+    doc = torch.tensor([d for d, _, _ in group])[:, None].expand(B, T)
+    ctx = torch.tensor([c for _, c, _ in group])[:, None].expand(B, T)
+    return Batch(tokens, mask, tokens[mask].numpy().astype(np.int32), doc[mask].numpy().astype(np.int64),
+                 ctx[mask].numpy().astype(np.int32), t[None, :].expand(B, T)[mask].numpy().astype(np.int32),
+                 row_start, docs_done)
+
+
+def plan_batches(docs: Iterable[str], tok, spec: PackSpec, rank: int = 0, world_size: int = 1,
+                 max_docs: int = 0) -> Iterator[Batch]:
+    """The rank's batches, in order, with the running row offset. `docs` is the full document stream."""
+    skip = 1 if spec.bos and not spec.keep_bos else 0
+    row, items, docs_in_chunk = 0, [], 0
+
+    def flush() -> Iterator[Batch]:
+        nonlocal row, items, docs_in_chunk
+        groups = _pack(items, spec)
+        for k, g in enumerate(groups):
+            b = _to_batch(g, skip, row, docs_in_chunk if k == len(groups) - 1 else 0)
+            row += b.n_rows
+            yield b
+        items, docs_in_chunk = [], 0
+
+    for doc_id, text in enumerate(docs):
+        if max_docs and doc_id >= max_docs:
+            break
+        if doc_id % world_size != rank:
+            continue
+        docs_in_chunk += 1
+        for c, ids in enumerate(make_contexts(text, tok, spec.mode, spec.ctx_len, spec.bos)):
+            if len(ids) > skip:
+                items.append((doc_id, c, ids))
+        if len(items) >= spec.pack_contexts:
+            yield from flush()
+    if items or docs_in_chunk:
+        if items:
+            yield from flush()
+        else:  # trailing documents without rows: still report them done
+            yield Batch(torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, 0, dtype=torch.bool),
+                        *(np.zeros(0, dt) for dt in (np.int32, np.int64, np.int32, np.int32)), row, docs_in_chunk)
+
+
+def prefetch(it: Iterator[T], depth: int = 4) -> Iterator[T]:
+    """Run an iterator on a background thread, `depth` items ahead (tokenizing overlaps the forward)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    end = object()
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for x in it:
+                while not stop.is_set():
+                    try:
+                        q.put(x, timeout=0.2)
+                        break
+                    except queue.Full:
+                        pass
+                if stop.is_set():
+                    return
+            q.put(end)
+        except BaseException as e:  # handed to the consumer
+            q.put(e)
+
+    thread = threading.Thread(target=work, name="batch-loader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            x = q.get()
+            if x is end:
+                return
+            if isinstance(x, BaseException):
+                raise x
+            yield x
+    finally:
+        stop.set()
