@@ -60,7 +60,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     origin: dict[str, Path] = {}
     for name, tensor, file in src.tensors:
         if name not in expected:
-            raise UserError(f"{file}: unexpected tensor {name!r} (not a Llama weight)")
+            raise UserError(f"{file}: unexpected tensor {name!r} ({src.config_file.name} describes no such weight)")
         if name in state:
             raise UserError(f"{file}: tensor {name!r} is also in {origin[name]}")
         if tuple(tensor.shape) != expected[name]:
@@ -149,10 +149,13 @@ def _torch_load(file: Path) -> dict[str, torch.Tensor]:
     try:
         sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # pickle.UnpicklingError (code in the pickle), RuntimeError (not a torch zip file), ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise UserError(f"{file}: refused to load: the pickle holds objects other than tensors (it could run "
-                            f"code); only plain state dicts are accepted ({first})") from None
+        text = str(e)
+        if "Unsupported global" in text or "Weights only load failed" in text:
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+            what = f" ({found.group(1)})" if found else ""
+            raise UserError(f"{file}: refused to load: the pickle references objects other than tensors{what}, which "
+                            "could run code; only plain state dicts of tensors are accepted") from None
+        first = text.strip().splitlines()[0] if text.strip() else ""
         raise UserError(f"{file}: not a readable PyTorch checkpoint ({type(e).__name__}: {first})") from None
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
         raise UserError(f"{file}: expected a dict of name -> tensor, got {type(sd).__name__}")
