@@ -10,25 +10,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-try:
-    from kernels import sparse_decode as _kernel_decode, topk as _kernel_topk
-except ImportError:  # TEMPORARY: until kernels/ lands its public functions
-    def _kernel_decode(top_acts: Tensor, top_indices: Tensor, W_dec: Tensor) -> Tensor:
-        return F.embedding_bag(top_indices, W_dec, per_sample_weights=top_acts.to(W_dec.dtype), mode="sum")
-
-    def _kernel_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        return torch.topk(x, k, dim=-1, sorted=False)
+import kernels
 
 
 def sparse_decode(top_acts: Tensor, top_indices: Tensor, W_dec: Tensor) -> Tensor:
     """sum_j top_acts[b, j] * W_dec[top_indices[b, j]] -> [B, d] (differentiable in top_acts and W_dec)."""
     if top_indices.shape[-1] == 0:
         return top_acts.new_zeros(top_acts.shape[0], W_dec.shape[1]) + 0 * W_dec.sum()
-    return _kernel_decode(top_acts, top_indices, W_dec)
+    return kernels.sparse_decode(top_acts, top_indices, W_dec)
 
 
 def topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    return _kernel_topk(x, k)
+    vals, idx = kernels.topk(x, k)
+    return vals, idx
 
 
 def sparse_outer(g: Tensor, idx: Tensor, x: Tensor, n_rows: int) -> Tensor:

@@ -54,7 +54,10 @@ def make_optimizer(sae: SAE, cfg: TrainConfig) -> torch.optim.Optimizer:
 def sae_config_for(cfg: TrainConfig, source: Any) -> SAEConfig:
     d = int(source.d_model)
     man = getattr(source, "manifest", {}) or {}
-    hook = cfg.point or man.get("hook_name") or (man.get("capture_points") or [""])[0]
+    points = man.get("points") or man.get("capture_points") or []
+    if not cfg.point and len(points) > 1:
+        raise UserError(f"the store holds several capture points {points}: pick one with --point")
+    hook = cfg.point or man.get("hook_name") or (points or [""])[0]
     return SAEConfig(d_in=d, n_latents=cfg.n_latents or cfg.expansion * d, k=cfg.k, architecture=cfg.architecture,
                      normalize=cfg.normalize, k_aux=cfg.k_aux, aux_coef=cfg.aux_coef, l1_coef=cfg.l1_coef,
                      hook_name=hook, model=str(man.get("model", "")))
@@ -84,7 +87,8 @@ class Trainer:
     def init_weights(self) -> None:
         """Scale and b_dec from one sample, identical on every rank (same rows), then broadcast for safety."""
         rows = min(self.cfg.init_rows, self.source.num_rows("train"))
-        sample = next(iter(self.source.batches(rows, split="train", seed=self.cfg.seed + 1, loop=False)))
+        sample = next(iter(self.source.batches(rows, split="train", seed=self.cfg.seed + 1, loop=False,
+                                              point=self.cfg.point or None)))
         init_from_sample(self.sae, sample, self.cfg.b_dec_init)
         dist.broadcast_module(self.sae)
         if self.ema is not None:
@@ -161,7 +165,8 @@ class Trainer:
         fvus, l0s = [], []
         try:
             it = self.source.batches(self.per_rank, split="val", seed=0, rank=self.info.rank,
-                                     world_size=self.info.world_size, device=self.info.device, loop=False)
+                                     world_size=self.info.world_size, device=self.info.device, loop=False,
+                                     point=self.cfg.point or None)
             for _, x in zip(range(self.cfg.val_batches), it):
                 out = self.sae(x, reduce=dist.all_reduce_sum)
                 fvus.append(float(out.fvu))
@@ -185,7 +190,8 @@ class Trainer:
             save_config(cfg, self.out / "train_config.json")
         log = _MetricsLog(self.out / "metrics.jsonl", self.step, main, cfg.wandb_project, cfg)
         it = self.source.batches(self.per_rank, split="train", seed=cfg.seed, rank=self.info.rank,
-                                 world_size=self.info.world_size, device=self.info.device, start_batch=self.step)
+                                 world_size=self.info.world_size, device=self.info.device, start_batch=self.step,
+                                 point=cfg.point or None)
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (main and cfg.progress), desc="sae", unit="step")
         metrics: dict[str, float] = {}
         t0, tok0 = time.perf_counter(), self.step

@@ -1,0 +1,180 @@
+"""SAE evaluation: activation-space metrics on the store's held-out split, and LM metrics with the SAE spliced
+into the Llama at its capture point (no error term: the reconstruction replaces the activation).
+
+    acts = activation_metrics(sae, store)            # L0, FVU, dead / dense fractions, log10-density histogram
+    lm = lm_metrics(sae, model, tokens)              # CE clean / SAE / zero- and mean-ablated, recovered, delta
+    print(format_table({**acts, **lm}))
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from llama.cli import UserError, atomic_write_bytes, atomic_write_json, save_config
+from sae.loss import ce_loss_recovered, fire_counts, usage
+from sae.model import SAE
+
+
+@torch.no_grad()
+def activation_metrics(sae: SAE, source: Any, batch_size: int = 4096, max_batches: int = 64, split: str = "val",
+                       point: str | None = None, bins: int = 20) -> dict[str, Any]:
+    """Pooled over up to `max_batches` held-out batches: FVU = sum||x - x_hat||^2 / sum||x - mean||^2."""
+    sae.eval()
+    n = sae.cfg.n_latents
+    counts = torch.zeros(n, dtype=torch.long, device=sae.device)
+    err = sx = sxx = 0.0
+    sum_x = torch.zeros(sae.cfg.d_in, dtype=torch.float64, device=sae.device)
+    tokens, l0_sum = 0, 0.0
+    batch_size = min(batch_size, source.num_rows(split))
+    it = source.batches(batch_size, split=split, seed=0, device=sae.device, loop=False, point=point)
+    for _, x in zip(range(max_batches), it):
+        acts, idx = sae.encode(x)
+        x_hat = sae.decode(acts, idx, like=x).float()
+        xd = x.double()
+        err += float((x.float() - x_hat).double().pow(2).sum())
+        sum_x += xd.sum(0)
+        sxx += float(xd.pow(2).sum())
+        counts += fire_counts(acts, idx, n)
+        l0_sum += float((acts > 0).sum())
+        tokens += x.shape[0]
+    if tokens == 0:
+        raise UserError(f"no {split} rows to evaluate on")
+    total_var = sxx - float(sum_x.pow(2).sum()) / tokens
+    use = usage(counts, tokens)
+    density = counts.double().cpu() / tokens
+    live = density[density > 0]
+    edges = torch.linspace(-math.log10(tokens) - 0.5, 0.0, bins + 1) if live.numel() else torch.zeros(bins + 1)
+    hist = torch.histogram(live.log10().float(), bins=edges.float()).hist if live.numel() else torch.zeros(bins)
+    return {"tokens": tokens, "l0": l0_sum / tokens, "fvu": err / max(total_var, 1e-30),
+            "dead_fraction": use.dead_fraction, "dense_fraction": use.dense_fraction,
+            "density_hist": {"log10_edges": [round(float(e), 3) for e in edges], "counts": [int(c) for c in hist],
+                             "dead": int((counts == 0).sum())}}
+
+
+def _ce(logits: Tensor, tokens: Tensor) -> tuple[float, int]:
+    """Summed next-token cross-entropy and the number of predictions."""
+    lg = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    return float(F.cross_entropy(lg, tokens[:, 1:].reshape(-1), reduction="sum")), lg.shape[0]
+
+
+@torch.no_grad()
+def lm_metrics(sae: SAE, model: torch.nn.Module, tokens: Tensor, batch_size: int = 8,
+               hook_name: str | None = None, progress: bool = False) -> dict[str, float]:
+    """tokens [N, T]: CE clean, with the SAE's reconstruction spliced in, and with the activation zero- or
+    mean-ablated (mean over these tokens' clean activations), plus CE-loss recovered and delta LM loss."""
+    hook = hook_name or sae.cfg.hook_name
+    if hook not in model.valid_points():
+        raise UserError(f"SAE hook {hook!r} is not a capture point of this model (valid: {model.valid_points()})")
+    sae.eval()
+    dev = next(model.parameters()).device
+    tokens = tokens.to(dev)
+    batches = list(tokens.split(batch_size))
+
+    def splice(h: Tensor) -> Tensor:
+        flat = h.reshape(-1, h.shape[-1])
+        return sae.decode(*sae.encode(flat), like=flat).reshape(h.shape).to(h.dtype)
+
+    total = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "mean": 0.0}
+    count, act_sum, act_n = 0, None, 0
+    for tb in batches:  # pass 1: clean CE and the mean activation
+        out = model(tb, capture=[hook])
+        ce, m = _ce(out.logits, tb)
+        total["clean"] += ce
+        count += m
+        a = out.activations[hook].double().reshape(-1, out.activations[hook].shape[-1])
+        act_sum = a.sum(0) if act_sum is None else act_sum + a.sum(0)
+        act_n += a.shape[0]
+    mean_act = (act_sum / act_n).float()
+    edits = {"sae": splice, "zero": lambda h: torch.zeros_like(h), "mean": lambda h: mean_act.to(h.dtype).expand_as(h)}
+    for tb in batches:
+        for name, fn in edits.items():
+            total[name] += _ce(model(tb, edit={hook: fn}).logits, tb)[0]
+    ce = {k: v / count for k, v in total.items()}
+    return {"ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero_ablation": ce["zero"], "ce_mean_ablation": ce["mean"],
+            "ce_loss_recovered": ce_loss_recovered(ce["clean"], ce["sae"], ce["zero"]),
+            "ce_loss_recovered_mean_ablation": ce_loss_recovered(ce["clean"], ce["sae"], ce["mean"]),
+            "delta_lm_loss": ce["sae"] - ce["clean"], "lm_tokens": count}
+
+
+def tokenize_documents(tokenizer: Any, docs: Iterable[str], seq_len: int, max_seqs: int) -> Tensor:
+    """Concatenate BOS-prefixed documents and cut them into [N, seq_len] rows (the last partial row dropped)."""
+    stream: list[int] = []
+    for doc in docs:
+        stream += tokenizer.encode(doc, bos=True, eos=False)
+        if len(stream) >= seq_len * max_seqs:
+            break
+    n = min(len(stream) // seq_len, max_seqs)
+    if n == 0:
+        raise UserError(f"held-out text has {len(stream)} tokens, fewer than one sequence of --seq-len {seq_len}")
+    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """Readable two-column table of the scalar metrics (plus the density histogram as a bar chart)."""
+    rows = [(k, f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in metrics.items() if not isinstance(v, dict)]
+    width = max(len(k) for k, _ in rows) if rows else 0
+    lines = ["metric".ljust(width) + "  value", "-" * (width + 12)] + [k.ljust(width) + "  " + v for k, v in rows]
+    hist = metrics.get("density_hist")
+    if hist:
+        lines += ["", f"latent density (log10 firing rate; {hist['dead']} dead)"]
+        top = max(hist["counts"]) or 1
+        e = hist["log10_edges"]
+        for i, c in enumerate(hist["counts"]):
+            lines.append(f"  [{e[i]:6.2f}, {e[i + 1]:6.2f})  {'#' * round(40 * c / top):<40} {c}")
+    return "\n".join(lines)
+
+
+@dataclass
+class EvalConfig:
+    """Flags of `scripts/evaluate.py`."""
+    sae: str = field(default="", metadata={"help": "SAE folder (cfg.json + sae_weights.safetensors)"})
+    store: str = field(default="", metadata={"help": "activation store: L0/FVU/dead/dense on its held-out split"})
+    model: str = field(default="", metadata={"help": "Llama folder for CE-loss recovered (default: the SAE's model)"})
+    text: list[str] = field(default_factory=list, metadata={"help": "held-out text files (.txt/.jsonl/.parquet)"})
+    seq_len: int = 128
+    max_seqs: int = field(default=64, metadata={"help": "held-out sequences for the LM metrics"})
+    lm_batch_size: int = 8
+    act_batch_size: int = 4096
+    max_batches: int = field(default=64, metadata={"help": "held-out activation batches"})
+    out: str = field(default="", metadata={"help": "output folder (default: the SAE folder)"})
+    device: str = "cpu"
+
+
+def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
+    """Everything the config asks for -> OUT/eval.json, OUT/eval.txt (the table), OUT/eval_config.json."""
+    from sae.formats import load
+    if not cfg.sae:
+        raise UserError("--sae is required (an SAE folder)")
+    sae = load(cfg.sae, device=cfg.device)
+    metrics: dict[str, Any] = {"sae": cfg.sae, "hook_name": sae.cfg.hook_name, "n_latents": sae.cfg.n_latents,
+                               "k": sae.cfg.k}
+    if cfg.store:
+        from sae.store import open_store
+        point = sae.cfg.hook_name or None
+        store = open_store(cfg.store)
+        points = store.manifest.get("points") or []
+        metrics.update(activation_metrics(sae, store, cfg.act_batch_size, cfg.max_batches,
+                                          point=point if point in points else None))
+    if cfg.text:
+        import llama
+        from sae.inputs import expand_inputs, iter_documents
+        model_dir = cfg.model or sae.cfg.model
+        if not model_dir or not Path(model_dir).exists():
+            raise UserError(f"--model {model_dir!r}: no such model folder (needed for the LM metrics)")
+        model = llama.load_model(model_dir, device=cfg.device, dtype=torch.float32)
+        tok = llama.Tokenizer.from_file(model_dir)
+        tokens = tokenize_documents(tok, iter_documents(expand_inputs(list(cfg.text))), cfg.seq_len, cfg.max_seqs)
+        metrics.update(lm_metrics(sae, model, tokens, cfg.lm_batch_size))
+    if not (cfg.store or cfg.text):
+        raise UserError("nothing to evaluate: give --store (activation metrics) and/or --text (LM metrics)")
+    out = Path(cfg.out or cfg.sae)
+    atomic_write_json(out / "eval.json", metrics)
+    atomic_write_bytes(out / "eval.txt", (format_table(metrics) + "\n").encode())
+    save_config(cfg, out / "eval_config.json")
+    return metrics

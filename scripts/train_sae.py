@@ -1,0 +1,62 @@
+"""Train a sparse autoencoder on an activation store.
+
+    python scripts/train_sae.py --store runs/acts --out runs/sae --k 32 --expansion 8 --steps 10000
+    torchrun --nproc_per_node 2 scripts/train_sae.py --store runs/acts ...   (gloo on CPU, NCCL on GPU)
+
+--store is a store folder (scripts/capture.py) or a .pt file holding one [rows, d_model] tensor.
+Writes OUT/sae/ (SAELens-style cfg.json + sae_weights.safetensors), OUT/checkpoint.pt, OUT/metrics.jsonl,
+OUT/train_config.json. Re-run the same command with --resume to continue exactly where a killed run stopped.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+
+from llama.cli import UserError, parse_config, run_main  # noqa: E402
+from sae import dist  # noqa: E402
+from sae.config import TrainConfig  # noqa: E402
+from sae.source import TensorSource  # noqa: E402
+from sae.train import train  # noqa: E402
+
+
+def open_source(path: str) -> Any:
+    if not path:
+        raise UserError("--store is required: an activation store folder or a .pt tensor file")
+    p = Path(path)
+    if p.is_file() and p.suffix == ".pt":
+        try:
+            x = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"--store {p}: cannot read as a torch tensor file ({e})") from e
+        if not isinstance(x, torch.Tensor):
+            raise UserError(f"--store {p}: expected one [rows, d_model] tensor, got {type(x).__name__}")
+        return TensorSource(x.float())
+    if not p.is_dir():
+        raise UserError(f"--store {p}: no such activation store folder or .pt file")
+    from sae.store import open_store
+    return open_store(p)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(TrainConfig, argv, description=__doc__)
+    info = dist.init(cfg.device)
+    try:
+        source = open_source(cfg.store)
+        res = train(cfg, source, info)
+        if info.is_main:
+            keys = ("step", "fvu", "l0", "auxk", "dead", "dense", "val_fvu", "val_l0", "tokens_per_s")
+            print("\n".join(f"{k:>14}: {res.metrics[k]:.6g}" for k in keys if k in res.metrics))
+            print(f"saved SAE to {res.out_dir / 'sae'}")
+    finally:
+        dist.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
