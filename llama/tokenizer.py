@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -88,8 +89,11 @@ class Tokenizer(ABC):
 
     @staticmethod
     def from_file(path: str | Path) -> "Tokenizer":
-        """Load `path` (a tokenizer.model file, or a folder holding one): tiktoken BPE text or SentencePiece."""
+        """Load `path`: a tokenizer.model file (tiktoken BPE text or SentencePiece), an HF tokenizer.json of a
+        Llama 3 tokenizer, or a folder holding one of them (tokenizer.model, original/tokenizer.model, tokenizer.json)."""
         file = find_tokenizer_file(path)
+        if file.suffix == ".json":
+            return TiktokenTokenizer(file)
         try:
             with open(file, "rb") as fh:
                 head = fh.read(4096)
@@ -105,11 +109,11 @@ class Tokenizer(ABC):
 def find_tokenizer_file(path: str | Path) -> Path:
     p = Path(path)
     if p.is_dir():
-        for cand in (p / "tokenizer.model", p / "original" / "tokenizer.model"):
+        for cand in (p / "tokenizer.model", p / "original" / "tokenizer.model", p / "tokenizer.json"):
             if cand.is_file():
                 return cand
-        raise UserError(f"{p}: no tokenizer.model in this folder (nor in {p / 'original'}); expected a Llama 3 "
-                        "tiktoken BPE file or a SentencePiece model named tokenizer.model")
+        raise UserError(f"{p}: no tokenizer.model in this folder (nor original/tokenizer.model, nor tokenizer.json); "
+                        "expected a Llama 3 tiktoken BPE file or a SentencePiece model named tokenizer.model")
     if not p.is_file():
         raise UserError(f"{p}: tokenizer file not found (expected a tokenizer.model file or a folder holding one)")
     return p
@@ -152,6 +156,38 @@ def load_bpe_ranks(file: Path) -> dict[bytes, int]:
     return ranks
 
 
+def load_hf_tokenizer_json(file: Path) -> tuple[dict[bytes, int], dict[str, int]]:
+    """Ranks and special tokens from an HF tokenizer.json of a Llama 3 tokenizer (HF folders often ship only this).
+    Its byte-level BPE vocabulary was converted from tiktoken: a token's id is its merge rank, and its string spells
+    the token's bytes through GPT-2's byte -> printable-character table."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+        model, added = data["model"], data.get("added_tokens") or []
+        pre = json.dumps(data.get("pre_tokenizer"))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{file}: not a readable HF tokenizer.json ({type(e).__name__}: {e})") from e
+    if model.get("type") != "BPE" or json.dumps(LLAMA3_PATTERN) not in pre or "ByteLevel" not in pre:
+        raise UserError(f"{file}: not a Llama 3 tokenizer (expected a byte-level BPE model with Llama 3's split "
+                        "pattern); use the checkpoint's original/tokenizer.model instead")
+    specials = {t["content"]: int(t["id"]) for t in added}
+    byte_of = {ch: b for b, ch in _bytes_to_unicode().items()}
+    try:
+        pairs = sorted((int(i), bytes(byte_of[c] for c in tok)) for tok, i in model["vocab"].items()
+                       if tok not in specials)
+    except KeyError as e:
+        raise UserError(f"{file}: vocabulary entry with a character outside the byte-level alphabet: {e}") from e
+    if [i for i, _ in pairs] != list(range(len(pairs))):
+        raise UserError(f"{file}: vocabulary ids are not 0..{len(pairs) - 1} (not a tiktoken-converted tokenizer)")
+    return {b: i for i, b in pairs}, specials
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table used by byte-level BPE vocabularies."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + n) for n, b in enumerate(extra)}}
+
+
 class TiktokenTokenizer(Tokenizer):
     """Llama 3 BPE on tiktoken; ids, special tokens and encode/decode identical to Meta's reference."""
 
@@ -159,17 +195,20 @@ class TiktokenTokenizer(Tokenizer):
         import tiktoken
 
         self.path = file = Path(file)
-        ranks = load_bpe_ranks(file)
-        n_base = len(ranks)
-        self.special_tokens = {t: n_base + i for i, t in enumerate(llama3_special_tokens())}
+        if file.suffix == ".json":  # HF tokenizer.json: the special tokens are named by the file
+            ranks, self.special_tokens = load_hf_tokenizer_json(file)
+        else:  # Meta's tokenizer.model: 256 special tokens after the base vocabulary, in Meta's order
+            ranks = load_bpe_ranks(file)
+            self.special_tokens = {t: len(ranks) + i for i, t in enumerate(llama3_special_tokens())}
+        for name in ("<|begin_of_text|>", "<|end_of_text|>"):
+            if name not in self.special_tokens:
+                raise UserError(f"{file}: no {name} special token (not a Llama 3 tokenizer)")
         self.model = tiktoken.Encoding(name=file.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
                                        special_tokens=self.special_tokens)
-        self.n_words = n_base + len(self.special_tokens)
+        self.n_words = max(len(ranks), max(self.special_tokens.values()) + 1)
         self.bos_id = self.special_tokens["<|begin_of_text|>"]
         self.eos_id = self.special_tokens["<|end_of_text|>"]
-        self.pad_id = self.special_tokens["<|finetune_right_pad_id|>"]
-        self.eot_id = self.special_tokens["<|eot_id|>"]
-        self.eom_id = self.special_tokens["<|eom_id|>"]
+        self.pad_id = self.special_tokens.get("<|finetune_right_pad_id|>", -1)
 
     def encode(self, s: str, *, bos: bool, eos: bool, allowed_special: SpecialSet | None = None,
                disallowed_special: SpecialCollection = ()) -> list[int]:

@@ -162,6 +162,48 @@ def test_from_file_folders_and_errors(tmp_path: Path):
         assert name in str(e.value)
 
 
+# ---- HF tokenizer.json (what HF-layout folders ship) -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hf_json_folder(tmp_path_factory) -> Path:
+    """tokenizer.json written by transformers' own tiktoken -> HF converter from Meta's tokenizer.model."""
+    conv = pytest.importorskip("transformers.convert_slow_tokenizer")
+    from llama.tokenizer import llama3_special_tokens
+
+    folder = tmp_path_factory.mktemp("hf")
+    conv.TikTokenConverter(vocab_file=str(META_MODEL), extra_special_tokens=llama3_special_tokens()) \
+        .converted().save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def test_hf_tokenizer_json_matches_meta(meta, hf_json_folder: Path):
+    tok = Tokenizer.from_file(hf_json_folder)  # the folder has no tokenizer.model: tokenizer.json is used
+    assert isinstance(tok, TiktokenTokenizer) and tok.path.name == "tokenizer.json"
+    assert tok.special_tokens == meta.special_tokens and tok.n_words == meta.n_words
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.stop_tokens) == \
+        (meta.bos_id, meta.eos_id, meta.pad_id, set(meta.stop_tokens))
+    for s in TEXTS + random_texts(100, seed=5):
+        ids = tok.encode(s, bos=True, eos=False)
+        assert ids == meta.encode(s, bos=True, eos=False), repr(s[:80])
+        assert tok.decode(ids) == meta.decode(ids)
+
+
+def test_hf_tokenizer_json_errors(tmp_path: Path):
+    import json
+
+    wordpiece = {"model": {"type": "WordPiece", "vocab": {"a": 0}}, "pre_tokenizer": None}
+    other_pattern = {"model": {"type": "BPE", "vocab": {"a": 0}},
+                     "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                         {"type": "Split", "pattern": {"Regex": "\\s+"}}, {"type": "ByteLevel"}]}}
+    cases = {"broken": "{not json", "wordpiece": json.dumps(wordpiece), "pattern": json.dumps(other_pattern)}
+    for name, text in cases.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "tokenizer.json").write_text(text)
+        with pytest.raises(UserError) as e:
+            Tokenizer.from_file(tmp_path / name)
+        assert str(tmp_path / name / "tokenizer.json") in str(e.value)
+
+
 # ---- SentencePiece ------------------------------------------------------------------------------------------
 
 CORPUS = """Once upon a time there was a little llama who lived on a hill. Every morning the llama walked
