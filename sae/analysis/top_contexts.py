@@ -63,6 +63,14 @@ def _save_npy(path: Path, a: np.ndarray) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def token_pieces(tokenizer: Any) -> list[str]:
+    """The text of every token id alone (SentencePiece pieces keep their leading space: "▁the" -> " the")."""
+    sp = getattr(tokenizer, "sp", None)
+    if sp is not None:
+        return [sp.id_to_piece(i).replace("\u2581", " ") for i in range(tokenizer.n_words)]
+    return [tokenizer.decode([i]) for i in range(tokenizer.n_words)]
+
+
 def n_latents_of(sae: Any) -> int:
     return int(sae.W_dec.shape[0])
 
@@ -111,7 +119,7 @@ def compute_top_contexts(source: Any, sae: Any, out: str | Path, cfg: TopContext
         for name, a in lens_out._asdict().items():
             _save_npy(out / f"{name}.npy", a.cpu().numpy())
     if tokenizer is not None:
-        atomic_write_json(out / "vocab.json", [tokenizer.decode([i]) for i in range(tokenizer.n_words)])
+        atomic_write_json(out / "vocab.json", token_pieces(tokenizer))
     summary = {"format": FORMAT, "n_latents": L, "n": cfg.n, "aggregations": list(AGGREGATIONS),
                "n_tokens": st.n_tokens, "n_contexts_seen": int(len(res.ctx_len)), "n_contexts": int(len(ref)),
                "hist_bins": cfg.hist_bins, "window": cfg.window, "n_logit_tokens": cfg.n_logit_tokens,
