@@ -1,0 +1,26 @@
+"""Train the embedded tiny Llama from scratch on CPU (corpus -> sentencepiece tokenizer -> model) into weights/tiny.
+
+    python scripts/train_tiny_llama.py                     # the committed model: ~15 min on one CPU thread
+    python scripts/train_tiny_llama.py --out /tmp/t --steps 20 --dim 64 --n-layers 2   # a quick smoke run
+
+Every flag is a field of llama.train_lm.TrainConfig. Deterministic for a given corpus, config and torch build.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llama.cli import parse_config, run_main  # noqa: E402
+from llama.train_lm import TrainConfig, train  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(TrainConfig, argv, description=__doc__)
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
