@@ -58,6 +58,16 @@ class ActiveLatents(NamedTuple):
     indices: Tensor  # [B, r] latent ids
 
 
+def _field(lab: Any, key: str, default: Any = None) -> Any:
+    """A labels-table entry is a Label NamedTuple (sae.analysis.interpret) or the raw labels.json dict."""
+    return lab.get(key, default) if isinstance(lab, Mapping) else getattr(lab, key, default)
+
+
+def label_of(labels: Mapping[int, Any] | None, latent: int) -> str:
+    lab = (labels or {}).get(latent)
+    return str(_field(lab, "label", "") or "") if lab is not None else ""
+
+
 def find_latents(query: str, labels: Mapping[int, Any]) -> list[int]:
     """Latents whose label (or description) contains `query` (case-insensitive), best first: label matches
     before description matches, then by detection score, then by confidence."""
@@ -66,11 +76,11 @@ def find_latents(query: str, labels: Mapping[int, Any]) -> list[int]:
         return []
     hits = []
     for latent, lab in labels.items():
-        label, desc = str(getattr(lab, "label", "")).lower(), str(getattr(lab, "description", "")).lower()
+        label, desc = str(_field(lab, "label", "")).lower(), str(_field(lab, "description", "")).lower()
         if q in label or q in desc:
-            score = getattr(lab, "detection_score", None)
+            score = _field(lab, "detection_score")
             hits.append((q not in label, -(score if score is not None else -1.0),
-                         -float(getattr(lab, "confidence", 0.0) or 0.0), latent))
+                         -float(_field(lab, "confidence", 0.0) or 0.0), latent))
     return [h[-1] for h in sorted(hits)]
 
 
@@ -223,3 +233,37 @@ def steered_stream(model: Any, tokenizer: Any, sae: Any, prompts: Sequence[Seque
             vals, ids = splice.last.values[ev.index].tolist(), splice.last.indices[ev.index].tolist()
             latents = [(i, v) for i, v in zip(ids, vals) if v > 0]
         yield SteeredToken(ev.index, ev.token, piece, ev.stop_reason, latents)
+
+
+class Steering(NamedTuple):
+    model: Any  # llama.Transformer
+    tokenizer: Any  # llama.Tokenizer
+    sae: Any  # sae.model.SAE
+    labels: dict[int, Any]  # latent -> Label (empty when no labels table)
+
+
+def load_steering(model_dir: str, sae_dir: str, labels: str = "", tokenizer: str = "", device: str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> Steering:
+    """Model + tokenizer + SAE (+ labels) for steering, checked to belong together."""
+    from llama.checkpoint import load_model
+    from llama.tokenizer import Tokenizer
+    from sae.formats import load
+    model = load_model(model_dir, device=device, dtype=dtype).eval()
+    tok = Tokenizer.from_file(tokenizer or model_dir)
+    sae = load(sae_dir, device=device).to(device).eval()
+    if tok.n_words > model.args.vocab_size:
+        raise UserError(f"tokenizer of {tokenizer or model_dir} has {tok.n_words} tokens, more than the model's "
+                        f"vocab_size {model.args.vocab_size}")
+    if sae.cfg.d_in != model.args.dim or sae.cfg.hook_name not in model.valid_points():
+        raise UserError(f"--sae {sae_dir}: d_in={sae.cfg.d_in}, hook_name={sae.cfg.hook_name!r} do not fit the model "
+                        f"{model_dir} (dim={model.args.dim})")
+    table: dict[int, Any] = {}
+    if labels:
+        try:
+            from sae.analysis.interpret import load_labels
+            table = dict(load_labels(labels))
+        except ImportError:  # the labels reader has not landed: the documented raw layout
+            from sae.analysis.dashboard import read_labels
+            from pathlib import Path
+            table = read_labels(Path(labels))
+    return Steering(model, tok, sae, table)

@@ -150,6 +150,9 @@ class CharTokenizer:
     def decode(self, ids):
         return "".join(chr(65 + i) for i in ids)
 
+    def encode(self, s: str, bos: bool = True, eos: bool = False) -> list[int]:
+        return [0] * bos + [ord(c) - 65 for c in s]
+
 
 def test_steered_stream_side_by_side_matches_plain_generation(setup):
     from llama.generate import generate
@@ -169,3 +172,76 @@ def test_steered_stream_side_by_side_matches_plain_generation(setup):
         bad = tiny_sae()
         bad.cfg.hook_name = ""
         list(steered_stream(model, tok, bad, [prompt], [], 2))
+
+
+# ---- the web UI's server (HTTP level; the page itself is tested in a browser in test_browser.py) -------------
+def start_server(model, sae, labels=None):
+    import threading
+    from sae.steer import Steering
+    from sae.steer_ui import SteerServer
+    server = SteerServer(Steering(model, CharTokenizer(), sae, labels or {}), port=0, max_new_tokens=32)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def post(url: str, body: bytes):
+    import urllib.error
+    import urllib.request
+    req = urllib.request.Request(url + "api/generate", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.headers, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read().decode()
+
+
+def test_ui_server_streams_side_by_side_and_validates(setup):
+    import json
+    import urllib.request
+    from llama.generate import generate
+    model, sae, _ = setup
+    labels = {7: Label("dog things"), 9: Label("cats")}
+    server = start_server(model, sae, labels)
+    try:
+        url = server.url
+        assert url.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(url, timeout=10) as r:
+            assert "<title>SAE steering</title>" in r.read().decode()
+        with urllib.request.urlopen(url + "api/latents?q=dog", timeout=10) as r:
+            assert json.loads(r.read()) == [{"latent": 7, "label": "dog things"}]
+        with urllib.request.urlopen(url + "api/info", timeout=10) as r:
+            assert json.loads(r.read())["n_latents"] == 96
+        body = {"prompt": "ABC", "steers": [{"latent": 7, "strength": 40.0, "mode": "add"}],
+                "max_new_tokens": 10, "temperature": 0}
+        status, headers, text = post(url, json.dumps(body).encode())
+        assert status == 200 and headers["Transfer-Encoding"] == "chunked"
+        msgs = [json.loads(line) for line in text.splitlines()]
+        assert msgs[-1] == {"done": True}
+        clean = [m["token"] for m in msgs[:-1] if m["side"] == "clean"]
+        steered = [m["token"] for m in msgs[:-1] if m["side"] == "steered"]
+        plain = generate(model, CharTokenizer(), [[0, 0, 1, 2]], 10, temperature=0.0).tokens[0]
+        assert clean == plain and steered != plain
+        assert all(m["latents"][0][:1] == [7] and m["latents"][0][2] == "dog things"
+                   for m in msgs[:-1] if m["side"] == "steered")
+        bad = [({"prompt": ""}, "prompt"), ({"prompt": "A" * 5000}, "prompt"),
+               ({"prompt": "A", "steers": [{"latent": 96, "strength": 1}]}, "latent"),
+               ({"prompt": "A", "steers": [{"latent": 1, "strength": 1e9}]}, "strength"),
+               ({"prompt": "A", "steers": [{"latent": 1, "strength": 1, "mode": "mul"}]}, "steer"),
+               ({"prompt": "A", "steers": [{"latent": 1, "strength": 1}] * 9}, "at most 8"),
+               ({"prompt": "A", "max_new_tokens": 33}, "max_new_tokens"),
+               ({"prompt": "A", "temperature": -1}, "temperature"), ({"prompt": "A", "top_p": 0}, "top_p"),
+               ({"prompt": "A", "seed": 1.5}, "seed"), ({"prompt": "A", "chat": "yes"}, "chat"), ([1, 2], "object")]
+        for req, msg in bad:
+            status, _, text = post(url, json.dumps(req).encode())
+            assert status == 400 and msg in json.loads(text)["error"], (req, text)
+        for raw in (b"{nope", b'{"prompt": "A", "temperature": NaN}'):
+            status, _, text = post(url, raw)
+            assert status == 400, text
+        with urllib.request.urlopen(url + "api/latents?q=../../etc/passwd", timeout=10) as r:
+            assert json.loads(r.read()) == []
+    finally:
+        server.shutdown()
+        server.server_close()
+    from sae.steer_ui import SteerServer
+    with pytest.raises(UserError, match="loopback"):
+        SteerServer(None, host="0.0.0.0")
