@@ -214,3 +214,85 @@ def test_bad_config_is_a_user_error() -> None:
         TopContextsConfig(hist_bins=12)
     with pytest.raises(UserError, match="--n "):
         TopContextsConfig(n=0)
+
+
+def _load_script(name: str):
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_script", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_end_to_end_real_store_and_sae(tmp_path: Path) -> None:
+    """capture (real store) -> a real SAE file -> scripts/top_contexts.py; each kept context's score is recomputed by
+    running the model on the context's tokens; the --text path and scripts/interpret.py --dry-run run too."""
+    pytest.importorskip("sentencepiece")
+    import llama
+    import sae
+    from sae.capture import CaptureConfig, run_capture
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _capture_fixtures import make_model_dir, write_corpus
+
+    model_dir = make_model_dir(tmp_path / "model", dim=32, n_layers=2)
+    corpus = write_corpus(tmp_path / "corpus.txt", 30)
+    point = "blocks.1.hook_resid_post"
+    store_dir = tmp_path / "store"
+    run_capture(CaptureConfig(model=str(model_dir), inputs=[str(corpus)], out=str(store_dir), points=[point],
+                              device="cpu", progress=False, shard_rows=256))
+    sae_model = sae.build_sae(sae.SAEConfig(d_in=32, n_latents=64, k=4, hook_name=point, model=str(model_dir)))
+    with torch.no_grad():
+        sae_model.b_enc.normal_(0, 0.1)
+    sae.save(sae_model, tmp_path / "sae")
+    out = tmp_path / "analysis"
+    script = _load_script("top_contexts")
+    assert script.main(["--sae", str(tmp_path / "sae"), "--store", str(store_dir), "--out", str(out), "--n", "5",
+                        "--batch-rows", "100", "--progress", "false", "--device", "cpu"]) == 0
+    tc = load_top_contexts(out)
+    assert tc.summary["has_vocab"] and tc.summary["has_logits"] and tc.summary["hook_name"] == point
+    model, tok = llama.load_model(model_dir), llama.Tokenizer.from_file(model_dir)
+    loaded = sae.load(tmp_path / "sae")
+    checked = 0
+    for lat in range(0, 64, 9):
+        rec = tc.latent(lat)
+        for c in rec["max"][:2]:
+            ids = tc.context_tokens(c["ctx"])
+            with torch.no_grad():  # the capture prepends BOS to each context and does not store it
+                acts = model(torch.tensor([[tok.bos_id] + ids]), capture=[point]).activations[point][0, 1:]
+                enc = loaded.encode(acts)
+                z = torch.zeros(len(ids), 64).scatter_(1, enc.top_indices, enc.top_acts)
+            assert abs(z[:, lat].max().item() - c["score"]) <= 0.05 * c["score"] + 0.02  # bf16 store
+            assert int(z[:, lat].argmax()) == c["pos"] or z[c["pos"], lat] >= 0.95 * z[:, lat].max()
+            checked += 1
+        ref = ((loaded.W_dec[lat] * model.norm.weight) @ model.output.weight.T)
+        assert rec["promoted"][0]["token_id"] == int(ref.argmax())
+        assert rec["suppressed"][0]["token_id"] == int(ref.argmin())
+    assert checked > 5
+    # the --text path on the same model
+    text_out = tmp_path / "analysis_text"
+    assert script.main(["--sae", str(tmp_path / "sae"), "--text", str(corpus), "--model", str(model_dir), "--out",
+                        str(text_out), "--n", "3", "--progress", "false", "--device", "cpu"]) == 0
+    assert (load_top_contexts(text_out).array("max_ctx") >= 0).any(1).mean() > 0.5
+    interp = _load_script("interpret")
+    assert interp.main(["--analysis", str(out), "--dry-run", "--progress", "false"]) == 0
+    n_prompts = len((out / "prompts.jsonl").read_text().splitlines())
+    assert n_prompts == int(((tc.array("max_ctx") >= 0).any(1)).sum())
+    assert json.loads((out / "interpret_config.json").read_text())["backend"] == "dry-run"
+
+
+def test_script_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from llama.cli import run_main
+    script = _load_script("top_contexts")
+    r = subprocess.run([sys.executable, str(Path(script.__file__)), "--store", "x"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr == "error: --sae is required (an SAE folder with cfg.json + " \
+        "sae_weights.safetensors)\n"
+    for argv, msg in [(["--sae", str(tmp_path)], "exactly one of --store"),
+                      (["--sae", str(tmp_path / "nope"), "--store", "s"], "not a folder")]:
+        with pytest.raises(SystemExit) as e:
+            run_main(script.main, argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and msg in err and "Traceback" not in err
+    with pytest.raises(UserError, match="not a top-contexts folder"):
+        load_top_contexts(tmp_path)
