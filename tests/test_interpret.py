@@ -363,15 +363,36 @@ def chat_llama(tmp_path_factory):
 
 
 def test_llama_backend_offline(analysis, tmp_path, chat_llama):
-    from llama.chat import ChatFormat
     model, tok, kind = chat_llama
     backend = LlamaBackend("", model=model, tokenizer=tok, max_tokens=6, batch_size=3)
     reqs = [Request(f"explain-{i}", "You label features.", f"tokens <<w{i}>> here") for i in (2, 3, 4, 5)]
     answers = backend.complete(reqs)
+    assert kind != "random" or backend.chat is not None  # our random model's tokenizer has the chat tokens
+    check_greedy(backend, model, tok, reqs, answers)
+
+    class NoChat:  # the same tokenizer without chat tokens: a base model gets a plain-text prompt
+        special_tokens: dict = {}
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(tok, name)
+
+    plain = LlamaBackend("", model=model, tokenizer=NoChat(), max_tokens=6, batch_size=3)
+    assert plain.chat is None
+    check_greedy(plain, model, tok, reqs, plain.complete(reqs))
+    table = run_interpret(cfg(analysis, latents=[2, 3], max_tokens=6, score=False), load_top_contexts(analysis),
+                          backend, tmp_path)
+    assert set(table["errors"]) | set(table["latents"]) == {"2", "3"}  # answered or recorded, nothing crashes
+    if kind == "random":  # gibberish is not JSON
+        assert set(table["errors"]) == {"2", "3"}
+
+
+def check_greedy(backend: LlamaBackend, model: Any, tok: Any, reqs: list[Request], answers: list) -> None:
+    from llama.chat import ChatFormat
     for r, a in zip(reqs, answers):  # greedy answers equal a cache-free reference decode
-        seq = ChatFormat(tok).encode_dialog_prompt([{"role": "system", "content": r.system},
-                                                    {"role": "user", "content": r.user}])
-        n0, out = len(seq), []
+        seq = (ChatFormat(tok).encode_dialog_prompt([{"role": "system", "content": r.system},
+                                                     {"role": "user", "content": r.user}]) if backend.chat else
+               tok.encode(f"{r.system}\n\n{r.user}\n\nAnswer:", bos=True, eos=False))
+        n0 = len(seq)
         with torch.no_grad():
             for _ in range(6):
                 nxt = int(model(torch.tensor([seq])).logits[0, -1].argmax())
@@ -379,7 +400,3 @@ def test_llama_backend_offline(analysis, tmp_path, chat_llama):
                     break
                 seq.append(nxt)
         assert a.error is None and a.text == tok.decode(seq[n0:])
-    table = run_interpret(cfg(analysis, latents=[2, 3], max_tokens=6, score=False), load_top_contexts(analysis),
-                          backend, tmp_path)
-    if kind == "random":  # gibberish is not JSON: recorded as errors, nothing crashes
-        assert set(table["errors"]) | set(table["latents"]) == {"2", "3"}

@@ -160,36 +160,53 @@ class AnthropicBatchBackend(AnthropicBackend):
 
 
 class LlamaBackend:
-    """Our own Llama (instruct checkpoint) answering in Llama 3 chat format, greedy by default."""
+    """Our own Llama answering greedily (by default): in Llama 3 chat format when the tokenizer has the chat tokens
+    (an instruct checkpoint), else as a plain-text continuation of "system / user / Answer:" (a base model)."""
     name = "llama"
 
     def __init__(self, model_dir: str, device: str = "cpu", max_tokens: int = 400, temperature: float = 0.0,
                  batch_size: int = 8, seed: int = 0, model: Any = None, tokenizer: Any = None):
         import llama
+        from llama.chat import ChatFormat
         if model is None:
             if not model_dir or not Path(model_dir).is_dir():
-                raise UserError(f"--model {model_dir!r}: not a model folder (the llama backend needs an instruct "
-                                "checkpoint in weights/, Meta or HF layout)")
+                raise UserError(f"--model {model_dir!r}: not a model folder (the llama backend needs a checkpoint "
+                                "folder, ideally an instruct model, in Meta or HF layout)")
             import torch
             model = llama.load_model(model_dir, device=device, dtype=torch.float32)
             tokenizer = llama.Tokenizer.from_file(model_dir)
         self.llm, self.tok, self.model = model, tokenizer, str(model_dir)
         self.max_tokens, self.temperature, self.batch_size, self.seed = max_tokens, temperature, batch_size, seed
+        try:
+            self.chat: Any = ChatFormat(tokenizer)
+        except UserError:
+            self.chat = None
+
+    def prompt_ids(self, r: Request) -> list[int]:
+        if self.chat is not None:
+            return self.chat.encode_dialog_prompt([{"role": "system", "content": r.system},
+                                                   {"role": "user", "content": r.user}])
+        return self.tok.encode(f"{r.system}\n\n{r.user}\n\nAnswer:", bos=True, eos=False)
 
     def complete(self, requests: list[Request]) -> list[Answer]:
-        from llama.generate import chat_completion
+        from llama.generate import generate
         limit = self.llm.args.max_seq_len
         out = []
         for i in range(0, len(requests), self.batch_size):
-            chunk = requests[i:i + self.batch_size]
-            dialogs = [[{"role": "system", "content": r.system}, {"role": "user", "content": r.user}] for r in chunk]
+            chunk = [(r, self.prompt_ids(r)) for r in requests[i:i + self.batch_size]]
+            fits = [(r, p) for r, p in chunk if len(p) + self.max_tokens <= limit]
+            out += [Answer(r.custom_id, None, f"llama backend: prompt of {len(p)} tokens + {self.max_tokens} new "
+                           f"tokens exceeds the model's max_seq_len {limit}") for r, p in chunk if (r, p) not in fits]
+            if not fits:
+                continue
             try:
-                done = chat_completion(self.llm, self.tok, dialogs, self.max_tokens, temperature=self.temperature,
-                                       seed=self.seed)
-                out += [Answer(r.custom_id, c.text) for r, c in zip(chunk, done)]
-            except UserError as e:  # e.g. a prompt longer than the model's context (max_seq_len)
-                out += [Answer(r.custom_id, None, f"llama backend (max_seq_len {limit}): {e}") for r in chunk]
-        return out
+                done = generate(self.llm, self.tok, [p for _, p in fits], self.max_tokens,
+                                temperature=self.temperature, seed=self.seed)
+                out += [Answer(r.custom_id, self.tok.decode(t)) for (r, _), t in zip(fits, done.tokens)]
+            except UserError as e:
+                out += [Answer(r.custom_id, None, f"llama backend: {e}") for r, _ in fits]
+        order = {r.custom_id: j for j, r in enumerate(requests)}
+        return sorted(out, key=lambda a: order[a.custom_id])
 
 
 class DryRunBackend:
