@@ -94,7 +94,7 @@ class ActivationStore:
             local = idx[lo:hi] - self.offsets[si]
             mm = self._map(what, si)
             if local[-1] - local[0] + 1 == len(local):  # a contiguous run: one slice, no fancy indexing
-                parts.append(np.asarray(mm[local[0]:local[-1] + 1]))
+                parts.append(np.array(mm[local[0]:local[-1] + 1]))
             else:
                 parts.append(mm[local])
         if not parts:
