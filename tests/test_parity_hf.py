@@ -7,8 +7,13 @@ factor or a q/k permutation left undone.
 """
 from __future__ import annotations
 
+import gc
 import json
+import math
+import struct
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 import torch
@@ -116,17 +121,27 @@ def test_bf16_checkpoint_loads_exactly_as_fp32(tmp_path: Path) -> None:
 
 
 def test_capture_points_are_hf_hidden_states(tmp_path: Path) -> None:
-    """resid_pre of block i is HF's hidden_states[i] (the residual stream entering decoder layer i)."""
+    """resid_pre of block i is HF's hidden_states[i] (the stream entering decoder layer i); attn_out and mlp_out
+    are the outputs of HF's self_attn and mlp modules (what each adds to the stream)."""
     hf = hf_model(n_kv_heads=2, tied=True, rope=llama3_rope(32.0, 256))
     hf.save_pretrained(tmp_path)
     ours = llama.load_model(tmp_path)
     x = tokens(batch=1, seq=300)
+    seen: dict[str, torch.Tensor] = {}
+    hooks = []
+    for i, layer in enumerate(hf.model.layers):
+        hooks.append(layer.self_attn.register_forward_hook(
+            lambda m, a, o, i=i: seen.__setitem__(f"blocks.{i}.hook_attn_out", o[0])))
+        hooks.append(layer.mlp.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(f"blocks.{i}.hook_mlp_out", o)))
     with torch.no_grad():
         states = hf(x, output_hidden_states=True).hidden_states
-        acts = ours(x, capture=["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre", "blocks.0.hook_resid_post"]
-                    ).activations
+        acts = ours(x, capture=ours.valid_points()).activations
+    for h in hooks:
+        h.remove()
     for i in range(2):
         torch.testing.assert_close(acts[f"blocks.{i}.hook_resid_pre"], states[i], rtol=1e-5, atol=1e-5)
+        for point in ("hook_attn_out", "hook_mlp_out"):
+            torch.testing.assert_close(acts[f"blocks.{i}.{point}"], seen[f"blocks.{i}.{point}"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(acts["blocks.0.hook_resid_post"], states[1], rtol=1e-5, atol=1e-5)
 
 
@@ -146,3 +161,67 @@ def test_negative_controls_wrong_factor_or_no_unpermute_break_parity(tmp_path: P
     monkeypatch.setattr(ckpt, "unpermute_rotate_half", lambda w, *a, **k: w)
     not_unpermuted = llama.load_model(tmp_path)
     assert (our_logits(not_unpermuted, x) - ref).abs().max().item() > 1e-2 * scale
+
+
+def write_random_safetensors(file: Path, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> None:
+    """Stream random bf16 tensors straight to a .safetensors file (8-byte header size, JSON header, raw data):
+    nothing is held in memory. Values are slices of a small random bank at random offsets, pre-scaled by
+    1/sqrt(fan_in) (norm gains ~U(0.5, 1.5)), so activations stay O(1) through all layers. Fast on 2 cores."""
+    gen = torch.Generator().manual_seed(seed)
+    bank = torch.randn(1 << 22, generator=gen)
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape in shapes.items():
+        size = 2 * math.prod(shape)
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    banks: dict[float, np.ndarray] = {}
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        for name, shape in shapes.items():
+            scale = 1.0 if len(shape) == 1 or "embed" in name else 2.0 / shape[1] ** 0.5
+            if scale not in banks:
+                values = bank * scale if len(shape) > 1 else 1.0 + bank.clamp(-1, 1) / 2
+                banks[scale] = values.bfloat16().view(torch.int16).numpy()
+            values, n = banks[scale], math.prod(shape)
+            half = len(values) // 2
+            for start in range(0, n, half):
+                at = int(torch.randint(0, half, (1,), generator=gen))
+                f.write(values[at:at + min(half, n - start)].tobytes())
+
+
+@pytest.mark.slow
+def test_real_shape_llama_3_2_1b_matches_hf(tmp_path: Path) -> None:
+    """Full Llama-3.2-1B dimensions (vocab 128256, dim 2048, 16 layers, 32/8 heads, tied, factor-32 RoPE) with random
+    bf16 weights written in HF layout; HF and we each load it in fp32, one after the other (RAM ~6 GB at most)."""
+    args = llama.ModelArgs.llama_3_2_1b()
+    cfg = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_hidden_dim,
+                      num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
+                      num_key_value_heads=args.n_kv_heads, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                      max_position_embeddings=131072, rope_parameters=llama3_rope(32.0, 8192),
+                      bos_token_id=128000, eos_token_id=128001)
+    cfg.save_pretrained(tmp_path)
+    shapes = {"model.embed_tokens.weight": (args.vocab_size, args.dim), "model.norm.weight": (args.dim,)}
+    q, kv, f = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.ffn_hidden_dim
+    for i in range(args.n_layers):
+        for name, shape in {"self_attn.q_proj": (q, args.dim), "self_attn.k_proj": (kv, args.dim),
+                            "self_attn.v_proj": (kv, args.dim), "self_attn.o_proj": (args.dim, q),
+                            "mlp.gate_proj": (f, args.dim), "mlp.up_proj": (f, args.dim),
+                            "mlp.down_proj": (args.dim, f), "input_layernorm": (args.dim,),
+                            "post_attention_layernorm": (args.dim,)}.items():
+            shapes[f"model.layers.{i}.{name}.weight"] = shape
+    write_random_safetensors(tmp_path / "model.safetensors", shapes)
+    x = torch.randint(0, args.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
+
+    hf, info = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager",
+                                                output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    ref = hf_logits(hf.eval(), x)
+    del hf
+    gc.collect()
+
+    ours = llama.load_model(tmp_path, dtype=torch.float32)
+    assert ours.args.ffn_hidden_dim == 8192 and ours.args.rope_factor == 32.0 and ours.args.tie_embeddings
+    assert (ours.args.multiple_of, ours.args.ffn_dim_multiplier) == (256, 1.5)  # read back as the preset's rule
+    assert_parity(ref, our_logits(ours, x))
