@@ -91,6 +91,23 @@ def test_running_topn_equals_brute_force() -> None:
     assert (top.payload["ctx"][~finite] == -1).all() and (~finite[3]).all()
 
 
+def test_running_topn_sparse_merge_equals_brute_force() -> None:
+    g = torch.Generator().manual_seed(4)
+    L, N, total = 29, 6, 400
+    row = torch.randint(0, L - 2, (total,), generator=g)  # rows L-2, L-1 never get a candidate
+    value = torch.rand(total, generator=g)
+    top = RunningTopN(L, N, ("ctx", "pos"))
+    for s0, s1 in [(0, 7), (7, 150), (150, 151), (151, 400)]:
+        top.merge_sparse(row[s0:s1], value[s0:s1], {"ctx": torch.arange(s0, s1), "pos": torch.arange(s0, s1) * 10})
+    for r in range(L):
+        mine = sorted(((value[i].item(), i) for i in range(total) if row[i] == r), reverse=True)[:N]
+        got = top.values[r][torch.isfinite(top.values[r])].tolist()
+        assert got == pytest.approx([v for v, _ in mine])
+        assert top.payload["ctx"][r, :len(mine)].tolist() == [i for _, i in mine]
+        assert top.payload["pos"][r, :len(mine)].tolist() == [10 * i for _, i in mine]
+        assert (top.payload["ctx"][r, len(mine):] == -1).all()
+
+
 def test_histogram_is_exact_after_range_doublings() -> None:
     g = torch.Generator().manual_seed(1)
     L, B = 5, 16

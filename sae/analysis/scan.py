@@ -1,11 +1,11 @@
 """Pass 1 of top contexts: one stream over the activations, for EVERY latent at once.
 
-For each complete context (a run of rows with one doc id) and each latent, three scores are formed densely for a
-group of G contexts ([G, L], G chosen so the group stays within a memory budget):
+For each complete context (a run of rows with one doc id) and each latent, three scores are formed by scatters
+into a dense [G, L] block for a group of G contexts (G chosen so the block stays within a memory budget):
     max  = max over the context's tokens of the latent's activation (and the argmax token position)
     mean = sum over tokens / number of (non-BOS) tokens
     last = activation at the last token
-and merged into running top-N lists (`RunningTopN`). Every context competes for every latent, so a sentence is
+and the (context, latent) pairs that fired are merged into running top-N lists (`RunningTopN.merge_sparse`). Every context competes for every latent, so a sentence is
 credited to all the latents it activates (the earlier project credited each sentence only to its single top
 latent, and 90% of latents never got an example).
 """
@@ -129,14 +129,13 @@ class Scanner:
         is_last = (tpos == last[tctx])[:, None].expand(-1, k).reshape(-1)
         lastv = torch.zeros(g * L, device=acts.device).index_put_((key[is_last],), a[is_last])
 
-        def cand(v: Tensor) -> Tensor:
-            v = v.view(g, L).T
-            return torch.where(v > 0, v, torch.full_like(v, float("-inf")))
-
-        pos = torch.where(posv == NO_POS, torch.full_like(posv, -1), posv).view(g, L).T
-        self.tops["max"].merge(cand(maxv), {"ctx": gid, "pos": pos})
-        self.tops["mean"].merge(cand(sumv.view(g, L) / n_valid[:, None]), {"ctx": gid, "pos": pos})
-        self.tops["last"].merge(cand(lastv), {"ctx": gid, "pos": last})
+        nz = (maxv > 0).nonzero().squeeze(1)  # (context, latent) pairs that fired: sparse candidates
+        lat, c = nz % L, nz // L
+        self.tops["max"].merge_sparse(lat, maxv[nz], {"ctx": gid[c], "pos": posv[nz]})
+        self.tops["mean"].merge_sparse(lat, sumv[nz] / n_valid[c], {"ctx": gid[c], "pos": posv[nz]})
+        nz = (lastv > 0).nonzero().squeeze(1)
+        lat, c = nz % L, nz // L
+        self.tops["last"].merge_sparse(lat, lastv[nz], {"ctx": gid[c], "pos": last[c]})
         if self.n_random > 0:
             self._sample(maxv.view(g, L), gid)
 

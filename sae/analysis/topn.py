@@ -8,6 +8,10 @@ A merge concatenates the kept entries with a batch of candidates [rows, C] and k
 Rows where no candidate beats the row's current N-th score are left alone (the common case once the lists fill),
 so a merge costs O(rows touched * (N + C)). Memory is O(L * N) plus one batch of candidates.
 Empty slots hold score -inf and payload -1.
+
+`merge_sparse` takes candidates as (row, value, payload) triples, the natural form for SAE codes (each context
+activates few latents): it keeps each row's N best triples (one sort) and merges an [L, N] block, so the cost no
+longer grows with the number of contexts per merge.
 """
 from __future__ import annotations
 
@@ -40,14 +44,30 @@ class RunningTopN:
         merged = torch.cat([self.values[rows], cand], dim=1)
         top, idx = merged.topk(self.n, dim=1, sorted=True)
         self.values[rows] = top
+        empty = top == float("-inf")  # an empty slot's payload says so
         for name, kept in self.payload.items():
             p = payload[name].to(device=kept.device, dtype=torch.long)
             p = p.expand(self.n_rows, c)[rows] if p.dim() == 1 else p[rows]
-            kept[rows] = torch.cat([kept[rows], p], dim=1).gather(1, idx)
-        # a slot whose score is -inf is empty: its payload must say so
-        empty = self.values[rows] == float("-inf")
-        if empty.any():
-            for kept in self.payload.values():
-                sub = kept[rows]
-                sub[empty] = -1
-                kept[rows] = sub
+            merged_p = torch.cat([kept[rows], p], dim=1).gather(1, idx)
+            kept[rows] = merged_p.masked_fill_(empty, -1)
+
+    def merge_sparse(self, row: Tensor, value: Tensor, payload: dict[str, Tensor]) -> None:
+        """Candidates as triples: row [P] (long), value [P], payload[name] [P]."""
+        if row.numel() == 0:
+            return
+        value = value.to(self.values.dtype)
+        order = value.argsort(descending=True, stable=True)
+        order = order[row[order].argsort(stable=True)]  # grouped by row, best first within a row
+        r = row[order]
+        first = torch.searchsorted(r, r, right=False)  # index of the row's first entry
+        rank = torch.arange(r.numel(), device=r.device) - first
+        keep = rank < self.n
+        order, r, rank = order[keep], r[keep], rank[keep]
+        dense = torch.full((self.n_rows, self.n), float("-inf"), device=self.values.device)
+        dense[r, rank] = value[order]
+        dense_p = {}
+        for name in self.payload:
+            d = torch.full((self.n_rows, self.n), -1, dtype=torch.long, device=self.values.device)
+            d[r, rank] = payload[name][order].long()
+            dense_p[name] = d
+        self.merge(dense, dense_p)
