@@ -53,9 +53,19 @@ def _str2bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {s!r}")
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keep the script docstring's line breaks; append the default unless the help text already states one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, argparse.SUPPRESS) or action.option_strings == ["-h", "--help"]:
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
 def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
     """Turn a dataclass into an ArgumentParser: one `--field-name` flag per field, defaults from the dataclass."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if not f.init:
