@@ -58,7 +58,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text.lower() or action.default in (None, argparse.SUPPRESS) or action.option_strings == ["-h", "--help"]:
+        if "default" in text.lower() or action.default in (None, "", [], (), argparse.SUPPRESS) \
+                or action.option_strings == ["-h", "--help"]:
             return text
         return f"{text} (default: %(default)s)".strip()
 
