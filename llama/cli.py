@@ -79,7 +79,7 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
             default = f.default_factory()  # type: ignore[misc]
         else:
             default = None
-        kw: dict[str, Any] = {"dest": f.name, "default": default, "help": f.metadata.get("help", " ")}
+        kw: dict[str, Any] = {"dest": f.name, "default": default, "help": f.metadata.get("help", f.name.replace("_", " "))}
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         origin = typing.get_origin(tp)
