@@ -95,7 +95,7 @@ class SAE(nn.Module):
                 pos = vals[vals > 0]
                 if pos.numel():
                     t = pos.min().to(self.threshold.dtype).expand_as(self.threshold)
-                    self.threshold.lerp_(t, 0.01 if bool(self.threshold.any()) else 1.0)
+                    self.threshold.lerp_(t, 0.05 if bool(self.threshold.any()) else 1.0)
             return torch.zeros_like(flat).scatter(0, idx, vals).view_as(pre)
         return pre * (pre > self.threshold)  # JumpReLU-style inference
 
@@ -151,9 +151,9 @@ class SAE(nn.Module):
         pre, l1 = None, zero
         aux_acts = aux_idx = None
         if self.cfg.architecture == "topk":
-            use_aux = dead_mask is not None and self.training
+            kk = self.aux_k(dead_mask) if dead_mask is not None and self.training else 0
             acts, idx, aux_acts, aux_idx = sparse_encode(x_n - self.b_dec, self.W_enc, self.b_enc, self.cfg.k,
-                                                         dead_mask if use_aux else None, self.cfg.k_aux)
+                                                         dead_mask if kk else None, kk)
             acts, idx = self.apply_steer(acts, idx)
         else:
             pre = self.pre_acts(x_n)
@@ -161,17 +161,28 @@ class SAE(nn.Module):
             acts, idx = self.apply_steer(*self.compact(z))
             if self.cfg.architecture == "relu":
                 l1 = self.cfg.l1_coef * (z * self.W_dec.norm(dim=1)).sum() / total_variance(x_n, reduce)
-            elif dead_mask is not None and self.training and bool(dead_mask.any()):
-                kk = min(self.cfg.k_aux, int(dead_mask.sum()))
-                av, aux_idx = topk(pre.masked_fill(~dead_mask, float("-inf")), kk)
+            elif dead_mask is not None and self.training and self.aux_k(dead_mask) > 0:
+                av, aux_idx = topk(pre.masked_fill(~dead_mask, float("-inf")), self.aux_k(dead_mask))
                 aux_acts = torch.relu(av)
         x_hat_n = sparse_decode(acts.to(self.W_dec.dtype), idx, self.W_dec) + self.b_dec
         loss_fvu = fvu(x_n, x_hat_n, reduce)
         aux = zero
         if aux_acts is not None and aux_acts.shape[1] > 0:
-            e_hat = sparse_decode(aux_acts.to(self.W_dec.dtype), aux_idx, self.W_dec)  # no b_dec
-            aux = auxk_loss(x_n - x_hat_n.detach(), e_hat, reduce)
+            aux = self.aux_loss(x_n - x_hat_n.detach(), self.aux_decode(aux_acts, aux_idx), reduce)
         return SAEOutput(self.denormalize(x_hat_n, x), acts, idx, pre, loss_fvu, aux, l1)
+
+    # ---- AuxK (DESIGN.md section 4) -----------------------------------------------------------------
+    def aux_k(self, dead_mask: Tensor) -> int:
+        """AuxK runs whenever ANY latent is dead: k_aux = min(k_aux, n_dead); no floor."""
+        return min(self.cfg.k_aux, int(dead_mask.sum()))
+
+    def aux_decode(self, aux_acts: Tensor, aux_idx: Tensor) -> Tensor:
+        """The dead latents' reconstruction of the residual: decoded WITHOUT b_dec."""
+        return sparse_decode(aux_acts.to(self.W_dec.dtype), aux_idx, self.W_dec)
+
+    def aux_loss(self, e: Tensor, e_hat: Tensor, reduce: Reduce = identity) -> Tensor:
+        """||e - e_hat||^2 normalised by the residual's variance (the caller weights it by aux_coef)."""
+        return auxk_loss(e, e_hat, reduce)
 
     # ---- decoder constraint --------------------------------------------------------------------------
     @torch.no_grad()
