@@ -1,5 +1,6 @@
-"""Top contexts: the vectorised one-pass scan (sae/analysis/scan.py: dense [G, L] scores per group of contexts,
-one torch.topk merge) vs the obvious peer, a per-(context, active latent) Python loop with one heapq per latent.
+"""Top contexts: the vectorised one-pass scan (sae/analysis/scan.py: sparse (context, latent) scores, one sort +
+topk merge per batch for all latents) vs the obvious peer, a per-(context, active latent) Python loop with one heapq
+per latent.
 Both get the same precomputed SAE codes (the encode is not timed) and keep max / mean / last top-N lists; the
 results are checked equal, then A/B timings alternate and the medians and their ratio are printed.
 

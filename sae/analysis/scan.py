@@ -1,7 +1,7 @@
 """Pass 1 of top contexts: one stream over the activations, for EVERY latent at once.
 
-For each complete context (a run of rows with one doc id) and each latent, three scores are formed by scatters
-into a dense [G, L] block for a group of G contexts (G chosen so the block stays within a memory budget):
+For each complete context (a run of rows with one doc id and context index) and each latent that fired in it
+(the distinct (context, latent) keys of the sparse code, never a dense [contexts, L] block), three scores:
     max  = max over the context's tokens of the latent's activation (and the argmax token position)
     mean = sum over tokens / number of (non-BOS) tokens
     last = activation at the last token
@@ -54,10 +54,9 @@ def _slice(c: Chunk, i0: int, i1: int) -> Chunk:
 
 class Scanner:
     def __init__(self, sae: Any, n_latents: int, n: int = 50, hist_bins: int = 64, n_random: int = 500,
-                 bos_id: int | None = None, group_elems: int = 1 << 22, seed: int = 0,
+                 bos_id: int | None = None, seed: int = 0,
                  device: str | torch.device = "cpu"):
         self.sae, self.L, self.bos_id, self.device = sae, n_latents, bos_id, device
-        self.group = max(1, group_elems // n_latents)
         self.tops = {a: RunningTopN(n_latents, n, ("ctx", "pos"), device) for a in AGGREGATIONS}
         self.stats = LatentStats(n_latents, hist_bins, device)
         self.reservoir = RunningTopN(1, max(n_random, 1), ("ctx",), device)
@@ -107,47 +106,45 @@ class Scanner:
 
         tctx = torch.from_numpy(np.repeat(np.arange(n_ctx), ends - starts)).to(self.device)
         tpos = torch.arange(cut, device=self.device) - torch.from_numpy(starts).to(self.device)[tctx]
-        for g0 in range(0, n_ctx, self.group):
-            g1 = min(g0 + self.group, n_ctx)
-            t0, t1 = int(starts[g0]), int(ends[g1 - 1])
-            self._group(acts[t0:t1], idx[t0:t1], tctx[t0:t1] - g0, tpos[t0:t1], valid[t0:t1],
-                        torch.from_numpy(ids[g0:g1]).to(self.device),
-                        torch.from_numpy(ends[g0:g1] - starts[g0:g1] - 1).to(self.device))
+        self._contexts(acts, idx, tctx, tpos, valid, torch.from_numpy(ids).to(self.device),
+                       torch.from_numpy(ends - starts - 1).to(self.device))
         return rest if len(rest.token_id) else None
 
-    def _group(self, acts: Tensor, idx: Tensor, tctx: Tensor, tpos: Tensor, valid: Tensor, gid: Tensor,
-               last: Tensor) -> None:
-        g, L, k = gid.numel(), self.L, acts.shape[1]
-        key = (tctx[:, None] * L + idx).reshape(-1)
+    def _contexts(self, acts: Tensor, idx: Tensor, tctx: Tensor, tpos: Tensor, valid: Tensor, gid: Tensor,
+                  last: Tensor) -> None:
+        """Per (context, latent) pair that fired: max (+ argmax position), mean and last-token scores, merged."""
+        L, k = self.L, acts.shape[1]
         a = acts.reshape(-1)
-        maxv = torch.zeros(g * L, device=acts.device).scatter_reduce_(0, key, a, reduce="amax")
-        is_max = (a > 0) & (a == maxv[key])
-        posv = torch.full((g * L,), NO_POS, dtype=torch.long, device=acts.device)
-        posv.scatter_reduce_(0, key[is_max], tpos[:, None].expand(-1, k).reshape(-1)[is_max], reduce="amin")
-        sumv = torch.zeros(g * L, device=acts.device).index_add_(0, key, a)
-        n_valid = torch.zeros(g, device=acts.device).index_add_(0, tctx, valid.float()).clamp(min=1)
-        is_last = (tpos == last[tctx])[:, None].expand(-1, k).reshape(-1)
-        lastv = torch.zeros(g * L, device=acts.device).index_put_((key[is_last],), a[is_last])
-
-        nz = (maxv > 0).nonzero().squeeze(1)  # (context, latent) pairs that fired: sparse candidates
-        lat, c = nz % L, nz // L
-        self.tops["max"].merge_sparse(lat, maxv[nz], {"ctx": gid[c], "pos": posv[nz]})
-        self.tops["mean"].merge_sparse(lat, sumv[nz] / n_valid[c], {"ctx": gid[c], "pos": posv[nz]})
-        nz = (lastv > 0).nonzero().squeeze(1)
-        lat, c = nz % L, nz // L
-        self.tops["last"].merge_sparse(lat, lastv[nz], {"ctx": gid[c], "pos": last[c]})
+        fired = a > 0
+        a = a[fired]
+        key = (tctx[:, None] * L + idx).reshape(-1)[fired]
+        tp = tpos[:, None].expand(-1, k).reshape(-1)[fired]
+        at_last = (tpos == last[tctx])[:, None].expand(-1, k).reshape(-1)[fired]
+        uk, inv = torch.unique(key, return_inverse=True)  # the (context, latent) pairs, sorted by context
+        m = uk.numel()
+        maxv = torch.zeros(m, device=a.device).scatter_reduce_(0, inv, a, reduce="amax")
+        is_max = a == maxv[inv]
+        posv = torch.full((m,), NO_POS, dtype=torch.long, device=a.device)
+        posv.scatter_reduce_(0, inv[is_max], tp[is_max], reduce="amin")
+        sumv = torch.zeros(m, device=a.device).index_add_(0, inv, a)
+        n_valid = torch.zeros(gid.numel(), device=a.device).index_add_(0, tctx, valid.float()).clamp(min=1)
+        lat, c = uk % L, uk // L
+        self.tops["max"].merge_sparse(lat, maxv, {"ctx": gid[c], "pos": posv})
+        self.tops["mean"].merge_sparse(lat, sumv / n_valid[c], {"ctx": gid[c], "pos": posv})
+        li = inv[at_last]
+        self.tops["last"].merge_sparse(lat[li], a[at_last], {"ctx": gid[c[li]], "pos": last[c[li]]})
         if self.n_random > 0:
-            self._sample(maxv.view(g, L), gid)
+            self._sample(c, lat, maxv, gid)
 
-    def _sample(self, maxv: Tensor, gid: Tensor) -> None:
+    def _sample(self, c: Tensor, lat: Tensor, maxv: Tensor, gid: Tensor) -> None:
         """Reservoir sample of contexts (keep the R largest random keys) with the latents active in each."""
         keys = torch.rand(gid.numel(), generator=self.gen).to(maxv.device)
         enter = (keys > self.reservoir.values[0, -1]).nonzero().squeeze(1)
         if enter.numel() == 0:
             return
-        for r in enter.tolist():
-            lat = maxv[r].nonzero().squeeze(1)
-            self.random_fired[int(gid[r])] = (lat.cpu().numpy().astype(np.int32), maxv[r, lat].cpu().numpy())
+        bounds = torch.searchsorted(c, torch.stack([enter, enter + 1]))  # pairs are sorted by context
+        for r, b0, b1 in zip(enter.tolist(), bounds[0].tolist(), bounds[1].tolist()):
+            self.random_fired[int(gid[r])] = (lat[b0:b1].cpu().numpy().astype(np.int32), maxv[b0:b1].cpu().numpy())
         self.reservoir.merge(keys[None], {"ctx": gid})
         if len(self.random_fired) > 4 * self.n_random:
             kept = set(self.reservoir.payload["ctx"][0].tolist())

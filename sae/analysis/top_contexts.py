@@ -44,7 +44,6 @@ class TopContextsConfig:
     max_rows: int = field(default=0, metadata={"help": "scan at most this many rows (0: all)"})
     max_len: int = field(default=256, metadata={"help": "--text: tokens per document"})
     point: str = field(default="", metadata={"help": "capture point to read when the store holds several"})
-    group_elems: int = field(default=1 << 22, metadata={"help": "memory budget: contexts x latents per merge"})
     seed: int = 0
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     progress: bool = True
@@ -83,7 +82,7 @@ def compute_top_contexts(source: Any, sae: Any, out: str | Path, cfg: TopContext
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     L = n_latents_of(sae)
     bos = tokenizer.bos_id if (tokenizer is not None and cfg.skip_bos) else None
-    scan = Scanner(sae, L, cfg.n, cfg.hist_bins, cfg.n_random, bos, cfg.group_elems, cfg.seed, device)
+    scan = Scanner(sae, L, cfg.n, cfg.hist_bins, cfg.n_random, bos, cfg.seed, device)
     res = scan.run(source, total_rows=len(source), progress=cfg.progress)
     ref = np.unique(np.concatenate([t.payload["ctx"].cpu().numpy().reshape(-1) for t in res.tops.values()]
                                    + [res.random_ctx]))

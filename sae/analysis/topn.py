@@ -40,22 +40,26 @@ class RunningTopN:
         rows = (values > self.values[:, -1:]).any(dim=1).nonzero().squeeze(1)
         if rows.numel() == 0:
             return
-        cand = values[rows]
-        merged = torch.cat([self.values[rows], cand], dim=1)
-        top, idx = merged.topk(self.n, dim=1, sorted=True)
+        self._merge_rows(rows, values[rows], {name: (p.to(self.values.device).long().expand(self.n_rows, c)[rows]
+                                                     if p.dim() == 1 else p[rows].long())
+                                              for name, p in payload.items()})
+
+    def _merge_rows(self, rows: Tensor, values: Tensor, payload: dict[str, Tensor]) -> None:
+        """Merge candidate blocks values/payload [R, C] into the given rows (distinct)."""
+        top, idx = torch.cat([self.values[rows], values], dim=1).topk(self.n, dim=1, sorted=True)
         self.values[rows] = top
         empty = top == float("-inf")  # an empty slot's payload says so
         for name, kept in self.payload.items():
-            p = payload[name].to(device=kept.device, dtype=torch.long)
-            p = p.expand(self.n_rows, c)[rows] if p.dim() == 1 else p[rows]
-            merged_p = torch.cat([kept[rows], p], dim=1).gather(1, idx)
-            kept[rows] = merged_p.masked_fill_(empty, -1)
+            merged = torch.cat([kept[rows], payload[name]], dim=1).gather(1, idx)
+            kept[rows] = merged.masked_fill_(empty, -1)
 
     def merge_sparse(self, row: Tensor, value: Tensor, payload: dict[str, Tensor]) -> None:
         """Candidates as triples: row [P] (long), value [P], payload[name] [P]."""
-        if row.numel() == 0:
-            return
         value = value.to(self.values.dtype)
+        better = (value > self.values[row, -1]).nonzero().squeeze(1)  # cannot enter: dropped before sorting
+        if better.numel() == 0:
+            return
+        row, value = row[better], value[better]
         order = value.argsort(descending=True, stable=True)
         order = order[row[order].argsort(stable=True)]  # grouped by row, best first within a row
         r = row[order]
@@ -63,11 +67,12 @@ class RunningTopN:
         rank = torch.arange(r.numel(), device=r.device) - first
         keep = rank < self.n
         order, r, rank = order[keep], r[keep], rank[keep]
-        dense = torch.full((self.n_rows, self.n), float("-inf"), device=self.values.device)
-        dense[r, rank] = value[order]
+        rows, slot = torch.unique_consecutive(r, return_inverse=True)
+        dense = torch.full((rows.numel(), self.n), float("-inf"), device=self.values.device)
+        dense[slot, rank] = value[order]
         dense_p = {}
         for name in self.payload:
-            d = torch.full((self.n_rows, self.n), -1, dtype=torch.long, device=self.values.device)
-            d[r, rank] = payload[name][order].long()
+            d = torch.full((rows.numel(), self.n), -1, dtype=torch.long, device=self.values.device)
+            d[slot, rank] = payload[name][better][order].long()
             dense_p[name] = d
-        self.merge(dense, dense_p)
+        self._merge_rows(rows, dense, dense_p)
