@@ -2,6 +2,8 @@
 and generation streams steered vs unsteered rows side by side. References are computed densely from the weights."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -270,3 +272,39 @@ def test_steering_raises_the_promoted_tokens_frequency():
     assert none.hits_clean == none.hits_steered and none.wins == none.losses == 0  # no steering, no effect
     assert sign_test(8, 0) == pytest.approx(2 / 256) and sign_test(3, 3) == 1.0 and sign_test(0, 0) == 1.0
     assert sign_test(1, 9) == pytest.approx(2 * 11 / 1024)
+
+
+# ---- scripts/steer.py on the embedded tiny model ------------------------------------------------------------
+TINY = Path(__file__).resolve().parents[1] / "weights" / "tiny"
+
+
+def test_steer_script_on_tiny_model(tmp_path, capsys):
+    import json
+    from llama.checkpoint import load_model
+    from llama.generate import text_completion
+    from llama.tokenizer import Tokenizer
+    from sae.formats import save
+    from scripts.steer import main
+    model, tok = load_model(TINY).eval(), Tokenizer.from_file(TINY)
+    hook = f"blocks.{model.args.n_layers - 1}.hook_resid_post"
+    sae = SAE(SAEConfig(d_in=model.args.dim, n_latents=64, k=8, hook_name=hook), seed=0)
+    save(sae, tmp_path / "sae")
+    (tmp_path / "labels.json").write_text(json.dumps({"format": "llama-sae-labels/1", "latents": {
+        "5": {"label": "python keywords", "description": "", "confidence": 0.9, "detection_score": 0.8}}}))
+    out = tmp_path / "res.json"
+    main(["--model", str(TINY), "--sae", str(tmp_path / "sae"), "--labels", str(tmp_path / "labels.json"),
+          "--prompt", "The function", "Once upon a time", "--steer", "python:60", "--temperature", "0",
+          "--max-new-tokens", "8", "--show-latents", "2", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "steer latent 5 'python keywords': add 60" in printed
+    res = json.loads(out.read_text())
+    plain = text_completion(model, tok, ["The function", "Once upon a time"], 8, temperature=0.0)
+    assert [r["unsteered"] for r in res["results"]] == [c.text for c in plain]
+    assert any(r["steered"] != r["unsteered"] for r in res["results"])
+    assert all(t["latents"][0][0] == 5 for r in res["results"] for t in r["latents"])  # steered latent on top
+    assert (tmp_path / "res.config.json").is_file()
+    with pytest.raises(UserError, match="no latent label contains 'zebra'"):
+        main(["--model", str(TINY), "--sae", str(tmp_path / "sae"), "--labels", str(tmp_path / "labels.json"),
+              "--steer", "zebra:3"])
+    with pytest.raises(UserError, match=r"\[0, 64\)"):
+        main(["--model", str(TINY), "--sae", str(tmp_path / "sae"), "--steer", "64:3"])
