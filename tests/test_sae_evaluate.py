@@ -76,10 +76,11 @@ def test_activation_metrics_match_direct_computation() -> None:
     src = TensorSource(x, val_fraction=0.2)
     r = activation_metrics(m, src, batch_size=200, max_batches=10)
     xv = x[800:]
-    pre = (xv - m.b_dec) @ m.W_enc.T + m.b_enc
-    v, i = pre.topk(3, dim=-1)
-    z = torch.zeros_like(pre).scatter(-1, i, torch.relu(v))
-    x_hat = z @ m.W_dec + m.b_dec
+    with torch.no_grad():
+        pre = (xv - m.b_dec) @ m.W_enc.T + m.b_enc
+        v, i = pre.topk(3, dim=-1)
+        z = torch.zeros_like(pre).scatter(-1, i, torch.relu(v))
+        x_hat = z @ m.W_dec + m.b_dec
     assert r["tokens"] == 200
     assert r["fvu"] == pytest.approx(float(((xv - x_hat) ** 2).sum() / ((xv - xv.mean(0)) ** 2).sum()), rel=1e-4)
     assert r["l0"] == pytest.approx(float((z > 0).sum(-1).float().mean()))
