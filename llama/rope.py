@@ -43,9 +43,7 @@ def rope_tables(args: ModelArgs, start_pos: int, seqlen: int, device: torch.devi
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each (even, odd) pair of x by its angle, as Meta does with complex numbers. x: [B, T, H, Dh]."""
     B, T, H, Dh = x.shape
-    xp = x.float().reshape(B, T, H, Dh // 2, 2)  # (B, T, H, Dh) -> (B, T, H, Dh/2, 2): interleaved pairs
-    x0, x1 = xp[..., 0], xp[..., 1]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (T, Dh/2) -> (1, T, 1, Dh/2)
-    # (x0 + i x1) * (cos + i sin) = (x0 cos - x1 sin) + i (x0 sin + x1 cos)
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (B, T, H, Dh/2, 2)
-    return out.reshape(B, T, H, Dh).type_as(x)
+    pairs = torch.view_as_complex(x.float().reshape(B, T, H, Dh // 2, 2))  # (B, T, H, Dh) -> (B, T, H, Dh/2) complex
+    rot = torch.complex(cos, sin)[None, :, None, :]  # (T, Dh/2) -> (1, T, 1, Dh/2): e^(i angle)
+    # (x0 + i x1) * (cos + i sin) = (x0 cos - x1 sin) + i (x0 sin + x1 cos): one fused complex multiply
+    return torch.view_as_real(pairs * rot).reshape(B, T, H, Dh).type_as(x)  # back to interleaved real pairs
