@@ -35,6 +35,7 @@ from sae.packing import PackSpec, plan_batches, prefetch
 from sae.store_writer import BackgroundWriter, ShardRows, ShardWriter, write_manifest
 
 DEFAULT_MODEL = "weights/tiny"
+REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -59,6 +60,8 @@ class CaptureConfig:
     pack_contexts: int = field(default=2048, metadata={"help": "contexts sorted together by length"})
     shard_rows: int = field(default=16384, metadata={"help": "rows per shard"})
     queue_size: int = field(default=8, metadata={"help": "batches the writer queue holds"})
+    prefetch: int = field(default=-1, metadata={"help": "batches tokenized ahead on a loader thread (-1: 4 on cuda, "
+                                                        "0 on cpu, where torch's threads already use every core)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:1 ... (auto: cuda if available)"})
     dtype: str = field(default="auto", metadata={"choices": ["auto", "float32", "bfloat16", "float16"],
                                                 "help": "model compute dtype (auto: bf16 on cuda, fp32 on cpu)"})
@@ -74,6 +77,8 @@ ROW_SETTINGS = ("mode", "ctx_len", "bos", "keep_bos", "txt_docs", "text_field", 
 def resolve(cfg: CaptureConfig) -> CaptureConfig:
     """Fill the defaults that depend on other fields (inputs, out, device, dtype)."""
     model = Path(cfg.model)
+    if cfg.model == DEFAULT_MODEL and not model.exists():  # run from another folder: the embedded model
+        model = REPO / DEFAULT_MODEL
     if not model.exists():
         hint = " (the embedded tiny model ships in weights/tiny)" if cfg.model == DEFAULT_MODEL else ""
         raise UserError(f"--model {cfg.model} does not exist{hint}")
@@ -88,7 +93,9 @@ def resolve(cfg: CaptureConfig) -> CaptureConfig:
         raise UserError("--ctx-len must be at least 2 when a BOS is prepended")
     if cfg.batch_tokens < cfg.ctx_len:
         raise UserError(f"--batch-tokens ({cfg.batch_tokens}) must hold one context (--ctx-len {cfg.ctx_len})")
-    return CaptureConfig(**{**config_to_dict(cfg), "inputs": inputs, "out": out, "device": device, "dtype": dtype})
+    prefetch = cfg.prefetch if cfg.prefetch >= 0 else (4 if device.startswith("cuda") else 0)
+    return CaptureConfig(**{**config_to_dict(cfg), "model": str(model), "inputs": inputs, "out": out, "device": device, "dtype": dtype,
+                            "prefetch": prefetch})
 
 
 def checkpoint_hash(folder: Path, extra: list[Path] = (), full_below: int = 64 << 20) -> str:
@@ -110,7 +117,7 @@ def checkpoint_hash(folder: Path, extra: list[Path] = (), full_below: int = 64 <
 
 
 def default_point(n_layers: int) -> str:
-    return f"blocks.{max(0, (2 * n_layers) // 3 - 1)}.hook_resid_post"
+    return f"blocks.{max(0, round(2 * n_layers / 3) - 1)}.hook_resid_post"
 
 
 def check_points(points: list[str], model) -> None:
@@ -219,10 +226,12 @@ def _capture(cfg: CaptureConfig, model, tok, rank: int, world: int, device: torc
     docs = iter_documents(files, cfg.txt_docs, cfg.text_field)
     my_docs = len(range(rank, n_docs, world))
     bar = tqdm(total=my_docs, unit="doc", disable=not cfg.progress or rank != 0, dynamic_ncols=True,
+               bar_format="{l_bar}{bar}| {n:.0f}/{total} docs [{elapsed}<{remaining}, {rate_fmt}{postfix}]",
                desc=f"capture {','.join(points)}" + (f" (rank 0 of {world})" if world > 1 else ""))
     t0, rows_new = time.perf_counter(), 0
     try:
-        for batch in prefetch(plan_batches(docs, tok, spec, rank, world, cfg.max_docs)):
+        stream = plan_batches(docs, tok, spec, rank, world, cfg.max_docs)
+        for batch in (prefetch(stream, cfg.prefetch) if cfg.prefetch else stream):
             end = batch.row_start + batch.n_rows
             if batch.n_rows and end > resume_row:
                 drop = max(0, resume_row - batch.row_start)
@@ -234,7 +243,7 @@ def _capture(cfg: CaptureConfig, model, tok, rank: int, world: int, device: torc
                 writer.put(ShardRows(bits, batch.token_id[drop:], batch.doc_id[drop:], batch.ctx[drop:],
                                      batch.pos[drop:]))
                 rows_new += batch.n_rows - drop
-            bar.update(batch.docs_done)
+            bar.update(batch.docs_done)  # a float share: the bar moves with every batch
             bar.set_postfix_str(f"{rows_new / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
         writer.close()
     except BaseException:

@@ -45,7 +45,7 @@ class Batch(NamedTuple):
     ctx: np.ndarray  # [n] context index within its document
     pos: np.ndarray  # [n] position within the context
     row_start: int  # index of this batch's first row in the rank's row stream
-    docs_done: int  # documents finished with this batch (for the progress bar)
+    docs_done: float  # this batch's share of its chunk's documents, by rows (for the progress bar)
 
     @property
     def n_rows(self) -> int:
@@ -79,18 +79,18 @@ def _pack(items: list[tuple[int, int, list[int]]], spec: PackSpec) -> list[list[
 
 
 def _to_batch(group: list[tuple[int, int, list[int]]], skip: int, row_start: int, docs_done: int) -> Batch:
-    B, T = len(group), max(len(ids) for _, _, ids in group)
-    tokens = torch.zeros(B, T, dtype=torch.long)
-    lengths = torch.tensor([len(ids) for _, _, ids in group])
+    lengths = np.array([len(ids) for _, _, ids in group])
+    B, T = len(group), int(lengths.max())
+    tokens = np.zeros((B, T), np.int64)
     for b, (_, _, ids) in enumerate(group):
-        tokens[b, :len(ids)] = torch.tensor(ids)
-    t = torch.arange(T)
-    mask = (t[None, :] < lengths[:, None]) & (t[None, :] >= skip)
-    doc = torch.tensor([d for d, _, _ in group])[:, None].expand(B, T)
-    ctx = torch.tensor([c for _, c, _ in group])[:, None].expand(B, T)
-    return Batch(tokens, mask, tokens[mask].numpy().astype(np.int32), doc[mask].numpy().astype(np.int64),
-                 ctx[mask].numpy().astype(np.int32), t[None, :].expand(B, T)[mask].numpy().astype(np.int32),
-                 row_start, docs_done)
+        tokens[b, :len(ids)] = ids
+    t = np.arange(T)
+    mask = (t[None, :] < lengths[:, None]) & (t[None, :] >= skip)  # row-major, like acts[mask] on [B, T, D]
+    per_ctx = lengths - skip
+    return Batch(torch.from_numpy(tokens), torch.from_numpy(mask), tokens[mask].astype(np.int32),
+                 np.repeat(np.array([d for d, _, _ in group], np.int64), per_ctx),
+                 np.repeat(np.array([c for _, c, _ in group], np.int32), per_ctx),
+                 np.broadcast_to(t, (B, T))[mask].astype(np.int32), row_start, docs_done)
 
 
 def plan_batches(docs: Iterable[str], tok, spec: PackSpec, rank: int = 0, world_size: int = 1,
@@ -102,8 +102,13 @@ def plan_batches(docs: Iterable[str], tok, spec: PackSpec, rank: int = 0, world_
     def flush() -> Iterator[Batch]:
         nonlocal row, items, docs_in_chunk
         groups = _pack(items, spec)
+        total = sum(len(ids) - skip for _, _, ids in items)
+        shown = 0.0
         for k, g in enumerate(groups):
-            b = _to_batch(g, skip, row, docs_in_chunk if k == len(groups) - 1 else 0)
+            share = docs_in_chunk - shown if k == len(groups) - 1 else \
+                docs_in_chunk * sum(len(ids) - skip for _, _, ids in g) / total
+            shown += share
+            b = _to_batch(g, skip, row, share)
             row += b.n_rows
             yield b
         items, docs_in_chunk = [], 0

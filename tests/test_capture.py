@@ -296,3 +296,19 @@ def test_full_disk_is_a_clear_error_and_the_store_resumes_exactly(env, tmp_path:
     got, want = store_files(tmp_path / "s"), store_files(tmp_path / "ref")
     del got[fmt.CONFIG], want[fmt.CONFIG]  # names its own --out
     assert sorted(got) == sorted(want) and all(got[k] == want[k] for k in want)
+
+
+def test_no_arguments_captures_the_embedded_tiny_model(tmp_path: Path, monkeypatch) -> None:
+    sys.path.insert(0, str(REPO / "scripts"))
+    import capture as script
+    monkeypatch.chdir(tmp_path)  # from any folder: the model is found in the repo, the store lands in ./out
+    assert script.main(["--max-docs", "25", "--progress", "false"]) == 0  # the defaults, cut short for speed
+    store = open_store(tmp_path / "out" / "activations" / "tiny")
+    tiny = REPO / "weights" / "tiny"
+    params = json.loads((tiny / "params.json").read_text())
+    assert store.manifest["model"] == str(tiny) and store.d_model == params["dim"]
+    assert store.manifest["hook_name"] == f"blocks.{round(2 * params['n_layers'] / 3) - 1}.hook_resid_post"
+    assert [s["path"] for s in store.manifest["sources"]] == [str(tiny / "heldout.txt")]
+    heldout = (tiny / "heldout.txt").read_text().splitlines()[:25]
+    tok = llama.Tokenizer.from_file(tiny)
+    assert len(store) == sum(len(tok.encode(s, bos=False, eos=False)) for d in heldout for s in split_sentences(d))

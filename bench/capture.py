@@ -1,0 +1,183 @@
+"""Capture and store-read throughput, against peers measured in the same run (only same-run ratios mean anything).
+
+    python bench/capture.py                      # dim 512, 8 layers, random weights, CPython-docs text, CPU
+    python bench/capture.py --dim 2048 --n-layers 16 --device cuda
+
+Rows: the tokens that end up in the store (no BOS, no padding); every line counts the same rows of the same batches.
+  forward(stop_early)  our model up to the capture point only: the forward a capture cannot avoid
+  forward(full)        our model with logits, the plain forward
+  capture              scripts/capture.py's loop end to end: read+split+tokenize+pack, forward, bf16, queue, write
+                       shards + stats (model already loaded). Goal: <= 10% over forward(stop_early).
+  HF hidden_states     transformers LlamaForCausalLM(output_hidden_states=True) on the same weights and batches,
+                       rows gathered and cast to bf16 (what one would otherwise write), nothing written to disk
+Store read: ActivationStore.batches (shuffled across shards, bf16 -> fp32) in rows/s and GB/s of bf16 read, next to
+one TopK SAE training step (16x latents, k=32) on the same rows: the reader must be far faster than training.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import llama  # noqa: E402
+from llama.cli import parse_config  # noqa: E402
+from sae.capture import CaptureConfig, default_point, run_capture  # noqa: E402
+from sae.inputs import iter_documents  # noqa: E402
+from sae.packing import PackSpec, plan_batches  # noqa: E402
+from sae.store import open_store  # noqa: E402
+
+
+@dataclass
+class BenchConfig:
+    dim: int = 512
+    n_layers: int = 8
+    n_heads: int = 8
+    n_kv_heads: int = 2
+    docs: int = 1200
+    mode: str = field(default="sentences", metadata={"choices": ["sentences", "windows"]})
+    ctx_len: int = 64
+    batch_tokens: int = 8192
+    repeats: int = 3
+    device: str = "cpu"
+    threads: int = 0  # 0: torch's default
+    read_batch: int = 4096
+    read_batches: int = 200
+    prefetch: int = -1  # capture's loader thread (-1: its default)
+    queue_size: int = 8  # capture's writer queue
+
+
+def corpus(n: int, folder: Path) -> tuple[Path, Path]:
+    """CPython documentation text (ships with Python) and a SentencePiece tokenizer: the tiny model's, else trained."""
+    from llama.corpus import build_corpus, train_sentencepiece
+    docs = build_corpus().train[:n]
+    text = folder / "docs.txt"
+    text.write_text("\n".join(docs) + "\n")
+    tiny = Path(__file__).resolve().parents[1] / "weights" / "tiny" / "tokenizer.model"
+    tok = folder / "tokenizer.model"
+    tok.write_bytes(tiny.read_bytes() if tiny.exists() else train_sentencepiece(docs, 4096))
+    return text, tok
+
+
+def build_models(cfg: BenchConfig, folder: Path, tok_file: Path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    vocab = llama.Tokenizer.from_file(tok_file).n_words
+    hf_cfg = LlamaConfig(vocab_size=vocab, hidden_size=cfg.dim, intermediate_size=int(8 * cfg.dim / 3 / 64 + 1) * 64,
+                         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                         num_key_value_heads=cfg.n_kv_heads, rms_norm_eps=1e-5, rope_theta=500000.0,
+                         max_position_embeddings=2048, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(hf_cfg).eval()
+    hf.save_pretrained(folder)
+    (folder / "tokenizer.model").write_bytes(tok_file.read_bytes())
+    ours = llama.load_model(folder, device=cfg.device)
+    return hf.to(cfg.device), ours
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(BenchConfig, argv, description=__doc__)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-capture-"))
+    text, tok_file = corpus(cfg.docs, tmp)
+    hf, ours = build_models(cfg, tmp / "model", tok_file)
+    tok = llama.Tokenizer.from_file(tok_file)
+    point = default_point(cfg.n_layers)
+    layer = int(point.split(".")[1])
+    spec = PackSpec(cfg.mode, cfg.ctx_len, True, False, cfg.batch_tokens, 256, 2048)
+    batches = list(plan_batches(iter_documents([text]), tok, spec))
+    rows = sum(b.n_rows for b in batches)
+    padded = sum(b.tokens.numel() for b in batches)
+    print(f"model dim {cfg.dim} x {cfg.n_layers} layers (random weights, vocab {tok.n_words}), point {point}, "
+          f"device {cfg.device}, torch threads {torch.get_num_threads()}")
+    print(f"{cfg.docs} documents -> {rows:,} rows in {len(batches)} batches ({cfg.mode}, ctx_len {cfg.ctx_len}); "
+          f"padding {100 * (1 - (rows + sum(b.tokens.shape[0] for b in batches)) / padded):.1f}% of positions")
+
+    with torch.inference_mode():  # sanity: HF hidden_states[layer+1] is our resid_post of block `layer`
+        b = batches[0]
+        ref = hf(b.tokens.to(cfg.device), output_hidden_states=True).hidden_states[layer + 1]
+        got = ours(b.tokens.to(cfg.device), capture=[point], stop_early=True).activations[point]
+        print(f"check: max |HF - ours| at {point} = {(ref - got).abs().max().item():.2e}")
+
+    def forward(stop_early: bool) -> None:
+        with torch.inference_mode():
+            for b in batches:
+                ours(b.tokens.to(cfg.device), capture=[point], stop_early=stop_early)
+
+    def hf_hidden() -> None:
+        with torch.inference_mode():
+            for b in batches:
+                am = b.mask.clone()
+                am[:, 0] = True  # the BOS is attended to, just not stored
+                hs = hf(b.tokens.to(cfg.device), attention_mask=am.to(cfg.device), output_hidden_states=True)
+                hs.hidden_states[layer + 1][b.mask.to(cfg.device)].to(torch.bfloat16).cpu()
+
+    def capture() -> None:
+        run_capture(CaptureConfig(model=str(tmp / "model"), inputs=[str(text)], out=str(tmp / "store"),
+                                  points=[point], mode=cfg.mode, ctx_len=cfg.ctx_len, batch_tokens=cfg.batch_tokens,
+                                  device=cfg.device, dtype="float32", overwrite=True, progress=False,
+                                  prefetch=cfg.prefetch, queue_size=cfg.queue_size),
+                    model=ours, tokenizer=tok)
+
+    forward(True)  # warm-up
+    runs: dict[str, list[float]] = {"forward(stop_early)": [], "forward(full)": [], "capture": [],
+                                    "HF hidden_states": []}
+    for _ in range(cfg.repeats):  # interleaved A/B/C/D, medians
+        (tmp / "store" / "manifest.json").unlink(missing_ok=True)
+        import shutil
+        shutil.rmtree(tmp / "store", ignore_errors=True)
+        runs["forward(stop_early)"].append(timed(lambda: forward(True)))
+        runs["forward(full)"].append(timed(lambda: forward(False)))
+        runs["capture"].append(timed(capture))
+        runs["HF hidden_states"].append(timed(hf_hidden))
+    base = statistics.median(runs["forward(stop_early)"])
+    print(f"\n{'':22s} {'rows/s':>10s} {'time/forward(stop_early)':>26s}   (median of {cfg.repeats})")
+    for name, ts in runs.items():
+        t = statistics.median(ts)
+        print(f"{name:22s} {rows / t:10,.0f} {t / base:25.3f}x")
+
+    store = open_store(tmp / "store")
+    n_read = min(cfg.read_batches, store.batches_per_epoch(cfg.read_batch))
+    it = store.batches(cfg.read_batch, seed=0, dtype=torch.float32, device=cfg.device)
+    next(it)
+    t = timed(lambda: [next(it) for _ in range(n_read - 1)])
+    read_rows = (n_read - 1) * cfg.read_batch
+    gbs = read_rows * store.d_model * 2 / t / 1e9
+    seq = timed(lambda: store.rows(0, len(store)).float())
+    print(f"\nstore read: {len(store):,} rows x {store.d_model} in {len(store.shards)} shards (page cache warm)")
+    print(f"  shuffled batches of {cfg.read_batch} -> fp32: {read_rows / t:12,.0f} rows/s  {gbs:6.2f} GB/s (bf16 read)")
+    print(f"  sequential rows() -> fp32:       {len(store) / seq:12,.0f} rows/s  "
+          f"{len(store) * store.d_model * 2 / seq / 1e9:6.2f} GB/s")
+    try:
+        from sae import SAEConfig, build_sae
+        sae = build_sae(SAEConfig(d_in=store.d_model, n_latents=16 * store.d_model, k=32), device=cfg.device)
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+        x = next(store.batches(cfg.read_batch, seed=1, device=cfg.device))
+
+        def step() -> None:
+            out = sae(x)
+            (out.fvu + out.auxk_loss).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        step()
+        ts = statistics.median(timed(step) for _ in range(3))
+        print(f"  one TopK SAE train step (16x, k=32): {cfg.read_batch / ts:12,.0f} rows/s  -> reader is "
+              f"{(read_rows / t) / (cfg.read_batch / ts):.0f}x faster than training consumes")
+    except Exception as e:  # the SAE peer is informative only
+        print(f"  (SAE step peer skipped: {type(e).__name__}: {e})")
+
+
+if __name__ == "__main__":
+    main()
