@@ -147,7 +147,7 @@ def split_documents(raw: list[str], info: dict, where: str) -> CorpusSplit:
 CHAT_CONTROL_SYMBOLS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>")
 
 
-def train_sentencepiece(docs: list[str], vocab_size: int) -> bytes:
+def train_sentencepiece(docs: list[str], vocab_size: int, where: str = "corpus") -> bytes:
     """A Llama-2-style SentencePiece BPE (byte fallback, digits split, no normalisation) trained on `docs`;
     returns the serialised model. One thread and no sampling: the same documents give the same bytes.
     The chat headers are control symbols (never produced from text) so `llama.ChatFormat` accepts the tokenizer."""
@@ -164,8 +164,8 @@ def train_sentencepiece(docs: list[str], vocab_size: int) -> bytes:
             shuffle_input_sentence=False, num_threads=1, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
             control_symbols=list(CHAT_CONTROL_SYMBOLS), minloglevel=2)
     except RuntimeError as e:  # e.g. a vocabulary larger than the corpus can fill
-        raise UserError(f"sentencepiece training failed with vocab_size={vocab_size} on {len(docs)} documents: {e}") \
-            from None
+        raise UserError(f"{where}: sentencepiece training failed with vocab_size={vocab_size} on {len(docs)} "
+                        f"documents (use a larger corpus or a smaller --vocab-size): {e}") from None
     return buf.getvalue()
 
 

@@ -41,17 +41,17 @@ class TrainConfig:
     threads: int = field(default=1, metadata={"help": "torch threads; results are reproducible for a fixed value"})
     # model (Llama architecture: RMSNorm, RoPE, GQA, SwiGLU, tied embeddings)
     vocab_size: int = 4096
-    dim: int = 192
+    dim: int = 128
     n_layers: int = 4
-    n_heads: int = 6
+    n_heads: int = 4
     n_kv_heads: int = 2
-    multiple_of: int = 256
+    multiple_of: int = 128
     rope_theta: float = 10000.0
     # optimisation
     seq_len: int = field(default=256, metadata={"help": "training window T (also the model's max_seq_len)"})
     batch_size: int = 8
-    steps: int = 1200
-    lr: float = 2e-3
+    steps: int = 1000
+    lr: float = 3e-3
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decays to lr * min_lr_ratio"})
     warmup: int = 100
     weight_decay: float = 0.1
@@ -150,7 +150,7 @@ def train(cfg: TrainConfig) -> TrainResult:
           f"sha256 {corpus.info['sha256'][:16]}")
     import sentencepiece as spm
 
-    sp_bytes = train_sentencepiece(corpus.train, cfg.vocab_size)
+    sp_bytes = train_sentencepiece(corpus.train, cfg.vocab_size, where=cfg.corpus)
     sp = spm.SentencePieceProcessor(model_proto=sp_bytes)
     train_list, val_list = token_stream(sp, corpus.train), token_stream(sp, corpus.heldout)
     train_stream, val_stream = torch.tensor(train_list), torch.tensor(val_list)
