@@ -60,8 +60,8 @@ class CaptureConfig:
     pack_contexts: int = field(default=2048, metadata={"help": "contexts sorted together by length"})
     shard_rows: int = field(default=16384, metadata={"help": "rows per shard"})
     queue_size: int = field(default=8, metadata={"help": "batches the writer queue holds"})
-    prefetch: int = field(default=-1, metadata={"help": "batches tokenized ahead on a loader thread (-1: 4 on cuda, "
-                                                        "0 on cpu, where torch's threads already use every core)"})
+    prefetch: int = field(default=-1, metadata={"help": "batches tokenized ahead on a loader thread (-1: 4 on cuda "
+                                                        "or when torch leaves a core free, else 0: it would contend)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:1 ... (auto: cuda if available)"})
     dtype: str = field(default="auto", metadata={"choices": ["auto", "float32", "bfloat16", "float16"],
                                                 "help": "model compute dtype (auto: bf16 on cuda, fp32 on cpu)"})
@@ -93,9 +93,10 @@ def resolve(cfg: CaptureConfig) -> CaptureConfig:
         raise UserError("--ctx-len must be at least 2 when a BOS is prepended")
     if cfg.batch_tokens < cfg.ctx_len:
         raise UserError(f"--batch-tokens ({cfg.batch_tokens}) must hold one context (--ctx-len {cfg.ctx_len})")
-    prefetch = cfg.prefetch if cfg.prefetch >= 0 else (4 if device.startswith("cuda") else 0)
-    return CaptureConfig(**{**config_to_dict(cfg), "model": str(model), "inputs": inputs, "out": out, "device": device, "dtype": dtype,
-                            "prefetch": prefetch})
+    spare_core = torch.get_num_threads() < (os.cpu_count() or 1)  # else a loader thread only contends with torch
+    prefetch = cfg.prefetch if cfg.prefetch >= 0 else (4 if device.startswith("cuda") or spare_core else 0)
+    return CaptureConfig(**{**config_to_dict(cfg), "model": str(model), "inputs": inputs, "out": out,
+                            "device": device, "dtype": dtype, "prefetch": prefetch})
 
 
 def checkpoint_hash(folder: Path, extra: list[Path] = (), full_below: int = 64 << 20) -> str:

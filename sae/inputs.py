@@ -50,9 +50,10 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
             files += found
         else:
             raise UserError(f"input {item} does not exist (expected a file, a folder or a glob pattern)")
-    seen: set[Path] = set()
-    unique = [f for f in files if not (f.resolve() in seen or seen.add(f.resolve()))]  # type: ignore[func-returns-value]
-    return unique
+    unique: dict[Path, Path] = {}  # the same file named twice (a folder and a glob) is read once
+    for f in files:
+        unique.setdefault(f.resolve(), f)
+    return list(unique.values())
 
 
 def _txt_documents(path: Path, txt_docs: str, skipped: Counter) -> Iterator[str]:

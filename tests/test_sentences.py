@@ -10,7 +10,8 @@ from sae.sentences import split_sentences
 CASES = [
     ("Hello world. How are you? I am fine!", ["Hello world.", "How are you?", "I am fine!"]),
     # abbreviations and titles do not end sentences
-    ("Dr. Smith met Mr. Jones at St. Mary's. They talked.", ["Dr. Smith met Mr. Jones at St. Mary's.", "They talked."]),
+    ("Dr. Smith met Mr. Jones at St. Mary's. They talked.",
+     ["Dr. Smith met Mr. Jones at St. Mary's.", "They talked."]),
     ("See Fig. 3 and Eq. 2 for details. It works.", ["See Fig. 3 and Eq. 2 for details.", "It works."]),
     ("Bring fruit, e.g. Apples, pears etc. and bread. Then go.",
      ["Bring fruit, e.g. Apples, pears etc. and bread.", "Then go."]),
@@ -25,7 +26,8 @@ CASES = [
     ("“Is it over?” she asked. “Yes.” He nodded.", ["“Is it over?” she asked.", "“Yes.”", "He nodded."]),
     ("(This is aside.) Back to the text.", ["(This is aside.)", "Back to the text."]),
     # ellipses: a lower-case continuation stays, an upper-case one starts a sentence
-    ("Wait... what happened? I don't know… Nobody does.", ["Wait... what happened?", "I don't know…", "Nobody does."]),
+    ("Wait... what happened? I don't know… Nobody does.",
+     ["Wait... what happened?", "I don't know…", "Nobody does."]),
     ("Well... Maybe.", ["Well...", "Maybe."]),
     # repeated punctuation, lower-case after a full stop, numbers starting a sentence
     ("Really?! Yes. it is lower case. 42 is the answer.", ["Really?!", "Yes. it is lower case.", "42 is the answer."]),
