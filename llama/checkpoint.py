@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
@@ -196,16 +197,33 @@ def _read_safetensors(file: Path, args: ModelArgs) -> Iterator[tuple[str, torch.
                 if IGNORED.match(hf_name):
                     continue
                 name = hf_to_meta(hf_name, file)
-                t = f.get_tensor(hf_name)
-                if name.endswith("attention.wq.weight"):
-                    t = unpermute_rotate_half(t, args.n_heads, name, file)
-                elif name.endswith("attention.wk.weight"):
-                    t = unpermute_rotate_half(t, args.n_kv_heads, name, file)
+                if name.endswith(("attention.wq.weight", "attention.wk.weight")):  # rewritten: read, don't map
+                    heads = args.n_heads if ".wq." in name else args.n_kv_heads
+                    t = unpermute_rotate_half(_read_private(file, hf_name), heads, name, file)
+                else:
+                    t = f.get_tensor(hf_name)  # a view of the memory-mapped file: no copy until converted
                 yield name, t, file
     except UserError:
         raise
     except Exception as e:  # safetensors' own errors: bad header, truncated data, ...
         raise UserError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
+def _read_private(file: Path, name: str) -> torch.Tensor:
+    """One tensor read with plain file I/O into private memory, so that tensors we rewrite anyway (q, k) leave no
+    pages of the mmapped file resident in the process (the mapping lives on for the tensors used as they are)."""
+    dtypes = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+    with open(file, "rb") as fh:
+        n = struct.unpack("<Q", fh.read(8))[0]
+        info = json.loads(fh.read(n))[name]
+        start, end = info["data_offsets"]
+        out = torch.empty(info["shape"], dtype=dtypes.get(info["dtype"], torch.uint8))
+        if info["dtype"] not in dtypes or out.numel() * out.element_size() != end - start:
+            raise UserError(f"{file}: tensor {name!r} has dtype {info['dtype']}; expected BF16, F16 or F32")
+        fh.seek(8 + n + start)
+        if fh.readinto(out.view(-1).view(torch.uint8).numpy()) != end - start:
+            raise UserError(f"{file}: tensor {name!r} is truncated")
+    return out
 
 
 def hf_to_meta(hf_name: str, file: Path) -> str:
