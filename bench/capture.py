@@ -10,8 +10,9 @@ Rows: the tokens that end up in the store (no BOS, no padding); every line count
                        shards + stats (model already loaded). Goal: <= 10% over forward(stop_early).
   HF hidden_states     transformers LlamaForCausalLM(output_hidden_states=True) on the same weights and batches,
                        rows gathered and cast to bf16 (what one would otherwise write), nothing written to disk
-Store read: ActivationStore.batches (shuffled across shards, bf16 -> fp32) in rows/s and GB/s of bf16 read, next to
-one TopK SAE training step (16x latents, k=32) on the same rows: the reader must be far faster than training.
+Store read: ActivationStore.batches (shuffled across shards; as bf16 and converted to fp32) in rows/s and GB/s of
+bf16 read, of the captured store and of a synthetic Llama-width store, next to one TopK SAE training step
+(16x latents, k=32) on the same rows: the reader must be far faster than training consumes.
 """
 from __future__ import annotations
 
@@ -48,7 +49,10 @@ class BenchConfig:
     device: str = "cpu"
     threads: int = 0  # 0: torch's default
     read_batch: int = 4096
-    read_batches: int = 200
+    read_batches: int = 100
+    read_d_model: int = 2048  # also read a synthetic store this wide (0: skip)
+    read_rows: int = 65536
+    sae_batch: int = 1024
     prefetch: int = -1  # capture's loader thread (-1: its default)
     queue_size: int = 8  # capture's writer queue
 
@@ -148,23 +152,42 @@ def main(argv: list[str] | None = None) -> None:
         t = statistics.median(ts)
         print(f"{name:22s} {rows / t:10,.0f} {t / base:25.3f}x")
 
-    store = open_store(tmp / "store")
+    read_section(open_store(tmp / "store"), cfg, "the captured store")
+    if cfg.read_d_model:
+        read_section(synthetic_store(tmp / "synthetic", cfg.read_d_model, cfg.read_rows), cfg, "a synthetic store")
+
+
+def synthetic_store(path: Path, d: int, n: int):
+    """n random bf16 rows of width d (documents of 50 rows) written by the capture's own ShardWriter."""
+    import numpy as np
+    from sae.store_writer import ShardRows, ShardWriter, write_manifest
+    w, rng = ShardWriter(path, 0, ["x"], d, 16384), np.random.default_rng(0)
+    for i in range(0, n, 8192):
+        m = min(8192, n - i)
+        w.add(ShardRows({"x": rng.integers(0, 1 << 14, size=(m, d), dtype=np.uint16)}, np.zeros(m, np.int32),
+                        np.arange(i, i + m, dtype=np.int64) // 50, np.zeros(m, np.int32), np.zeros(m, np.int32)))
+    w.flush()
+    write_manifest(path, {"model": "synthetic", "checkpoint_hash": "0", "points": ["x"], "d_model": d, "sources": [],
+                          "config": {}}, 1, {})
+    return open_store(path)
+
+
+def read_section(store, cfg: BenchConfig, what: str) -> None:
+    store.rows(0, len(store))  # page cache warm, as during training
     n_read = min(cfg.read_batches, store.batches_per_epoch(cfg.read_batch))
-    it = store.batches(cfg.read_batch, seed=0, dtype=torch.float32, device=cfg.device)
-    next(it)
-    t = timed(lambda: [next(it) for _ in range(n_read - 1)])
-    read_rows = (n_read - 1) * cfg.read_batch
-    gbs = read_rows * store.d_model * 2 / t / 1e9
-    seq = timed(lambda: store.rows(0, len(store)).float())
-    print(f"\nstore read: {len(store):,} rows x {store.d_model} in {len(store.shards)} shards (page cache warm)")
-    print(f"  shuffled batches of {cfg.read_batch} -> fp32: {read_rows / t:12,.0f} rows/s  {gbs:6.2f} GB/s (bf16 read)")
-    print(f"  sequential rows() -> fp32:       {len(store) / seq:12,.0f} rows/s  "
-          f"{len(store) * store.d_model * 2 / seq / 1e9:6.2f} GB/s")
+    print(f"\nstore read, {what}: {len(store):,} rows x {store.d_model} in {len(store.shards)} shards "
+          f"(page cache warm), batches of {cfg.read_batch}, shuffled across shards")
+    for name, dtype in (("bf16", torch.bfloat16), ("-> fp32", torch.float32)):
+        it = store.batches(cfg.read_batch, seed=0, dtype=dtype, device=cfg.device)
+        next(it)
+        t = timed(lambda: [next(it) for _ in range(n_read - 1)])
+        rows = (n_read - 1) * cfg.read_batch
+        print(f"  {name:8s} {rows / t:12,.0f} rows/s  {rows * store.d_model * 2 / t / 1e9:6.2f} GB/s of bf16 read")
     try:
         from sae import SAEConfig, build_sae
         sae = build_sae(SAEConfig(d_in=store.d_model, n_latents=16 * store.d_model, k=32), device=cfg.device)
         opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
-        x = next(store.batches(cfg.read_batch, seed=1, device=cfg.device))
+        x = next(store.batches(cfg.sae_batch, seed=1, device=cfg.device))
 
         def step() -> None:
             out = sae(x)
@@ -173,11 +196,10 @@ def main(argv: list[str] | None = None) -> None:
             opt.zero_grad(set_to_none=True)
         step()
         ts = statistics.median(timed(step) for _ in range(3))
-        print(f"  one TopK SAE train step (16x, k=32): {cfg.read_batch / ts:12,.0f} rows/s  -> reader is "
-              f"{(read_rows / t) / (cfg.read_batch / ts):.0f}x faster than training consumes")
+        print(f"  peer: one TopK SAE training step (16x latents, k=32, batch {cfg.sae_batch}) "
+              f"{cfg.sae_batch / ts:10,.0f} rows/s")
     except Exception as e:  # the SAE peer is informative only
         print(f"  (SAE step peer skipped: {type(e).__name__}: {e})")
-
 
 if __name__ == "__main__":
     main()

@@ -138,20 +138,23 @@ def prefetch(it: Iterator[T], depth: int = 4) -> Iterator[T]:
     end = object()
     stop = threading.Event()
 
+    def put(x: object) -> bool:
+        while not stop.is_set():  # never block forever on a consumer that went away
+            try:
+                q.put(x, timeout=0.2)
+                return True
+            except queue.Full:
+                pass
+        return False
+
     def work() -> None:
         try:
             for x in it:
-                while not stop.is_set():
-                    try:
-                        q.put(x, timeout=0.2)
-                        break
-                    except queue.Full:
-                        pass
-                if stop.is_set():
+                if not put(x):
                     return
-            q.put(end)
+            put(end)
         except BaseException as e:  # handed to the consumer
-            q.put(e)
+            put(e)
 
     thread = threading.Thread(target=work, name="batch-loader", daemon=True)
     thread.start()

@@ -28,6 +28,7 @@ import torch
 
 from llama.cli import UserError
 from sae import store_format as fmt
+from sae.packing import prefetch as _prefetch
 from sae.store_writer import BackgroundWriter, ShardRows, ShardWriter, write_manifest  # noqa: F401  (re-export)
 
 SPLITS = ("train", "val")
@@ -133,14 +134,21 @@ class ActivationStore:
 
     def batches(self, batch_size: int, *, split: str = "train", seed: int = 0, rank: int = 0, world_size: int = 1,
                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", start_batch: int = 0,
-                loop: bool = True, point: str | None = None) -> Iterator[torch.Tensor]:
+                loop: bool = True, point: str | None = None, prefetch: int = 2) -> Iterator[torch.Tensor]:
         """Shuffled batches [batch_size, d_model] of one split; deterministic given the arguments.
 
         Same contract as sae.source.TensorSource: each epoch puts the split's rows in one seeded order; global
         batch i is entries [i*B*W, (i+1)*B*W) of it and rank r takes the r-th B of those. So ranks are disjoint,
         W ranks at batch B see exactly what one rank sees at batch W*B, and start_batch=i resumes at global
-        batch i. Rows beyond the last full global batch sit out that epoch. loop=False: one epoch, then stop."""
-        point = self._point(point)
+        batch i. Rows beyond the last full global batch sit out that epoch. loop=False: one epoch, then stop.
+        prefetch: batches gathered ahead on a background thread (bf16, from the memory maps), so reading overlaps
+        the training step; bf16 -> dtype happens on `device`, after the (half-size) transfer."""
+        bits = self._batch_bits(batch_size, split, seed, rank, world_size, start_batch, loop, self._point(point))
+        for b in (_prefetch(bits, prefetch) if prefetch > 0 else bits):
+            yield b.to(device, non_blocking=True).to(dtype)
+
+    def _batch_bits(self, batch_size: int, split: str, seed: int, rank: int, world_size: int, start_batch: int,
+                    loop: bool, point: str) -> Iterator[torch.Tensor]:
         if not 0 <= rank < world_size:
             raise UserError(f"rank {rank} is outside world_size {world_size}")
         if batch_size <= 0:
@@ -158,8 +166,7 @@ class ActivationStore:
             for j in range(j, per_epoch):
                 lo = j * gb + rank * batch_size
                 idx = np.sort(rows[order[lo:lo + batch_size]])
-                bits = torch.from_numpy(self._gather(point, idx)).view(torch.bfloat16)
-                yield bits.to(device, non_blocking=True).to(dtype)
+                yield torch.from_numpy(self._gather(point, idx)).view(torch.bfloat16)
             epoch, j = epoch + 1, 0
 
 
