@@ -134,6 +134,7 @@ def test_numbers_and_highlights_come_from_the_analysis(built):
     text = index.read_text(encoding="utf-8")
     assert f"{(freq == 0).mean():.1%}" in text  # dead fraction on the overview
     assert "ce.ce_loss_recovered" in text and "0.9" in text and "<polyline" in text  # eval + training curve
+    assert "<h3>fvu</h3>" in text and "<h3>l0</h3>" not in text  # a constant series is not drawn as a curve
 
 
 def test_text_is_escaped(built):

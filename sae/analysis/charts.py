@@ -18,7 +18,9 @@ def fmt(v: float) -> str:
     if isinstance(v, int) or (abs(v) >= 1 and float(v).is_integer() and abs(v) < 1e9):
         return f"{int(v):,}"
     a = abs(v)
-    return f"{v:.3g}" if a == 0 or 1e-3 <= a < 1e5 else f"{v:.2e}"
+    if 100 <= a < 1e6:
+        return f"{v:,.0f}"
+    return f"{v:.3g}" if a == 0 or 1e-3 <= a < 100 else f"{v:.2e}"
 
 
 def _frame(inner: str, x_lo: str, x_hi: str, y_lo: str, y_hi: str, title: str, x_label: str = "") -> str:

@@ -27,6 +27,7 @@ from sae.analysis.charts import bar_chart, fmt, line_chart
 
 ASSETS = Path(__file__).with_name("dashboard_assets")
 DENSE_FREQ = 0.1  # a latent firing on more than 10% of tokens is "dense" (DESIGN.md)
+HEADLINE = {"l0", "fvu", "dead", "dead_fraction", "dense", "dense_fraction", "ce_loss_recovered", "delta_lm_loss"}
 AGG_TITLES = {"max": "max token activation", "mean": "mean over the context", "last": "last token"}
 
 
@@ -164,8 +165,7 @@ def overview_page(title: str, cfg_json: dict, evals: dict[str, float], freq: np.
              ("dead (analysed tokens)", f"{dead:.1%}"), ("dense >10% (analysed tokens)", f"{dense:.1%}"),
              ("tokens analysed", fmt(summary.get("n_tokens", 0)))]
     for key in sorted(evals):
-        low = key.lower()
-        if any(w in low for w in ("l0", "fvu", "dead", "dense", "recovered", "delta", "ce_")):
+        if key.split(".")[-1].lower() in HEADLINE:
             cards.append((key, fmt(evals[key])))
     cards_html = "".join(f'<div class="stat"><b>{v}</b><span>{escape(k)}</span></div>' for k, v in cards)
     logf = np.log10(freq[freq > 0]) if n else np.zeros(0)
@@ -180,7 +180,7 @@ def overview_page(title: str, cfg_json: dict, evals: dict[str, float], freq: np.
         for k in keys[:12]:
             pts = [(m.get(xkey, i) if xkey else i, m[k]) for i, m in enumerate(metrics)
                    if isinstance(m.get(k), (int, float)) and math.isfinite(m[k])]
-            if len(pts) >= 2:
+            if len(pts) >= 2 and len({p[1] for p in pts}) > 1:  # constant series say nothing as a curve
                 curves += f'<div class="card"><h3>{escape(k)}</h3>{line_chart([p[0] for p in pts], [p[1] for p in pts], k)}</div>'
     curves = f'<h2>Training curves</h2><div class="row">{curves}</div>' if curves else \
         '<h2>Training curves</h2><p class="muted">no training metrics JSONL found (--metrics)</p>'
