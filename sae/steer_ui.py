@@ -118,7 +118,10 @@ class Handler(BaseHTTPRequestHandler):
         elif url.path == "/api/latents":
             q = parse_qs(url.query).get("q", [""])[0][:200]
             n = int(st.sae.W_dec.shape[0])
-            ids = [int(q)] if q.strip().isdigit() and int(q) < n else find_latents(q, st.labels)[:50]
+            if q.strip().isdigit():
+                ids = [int(q)] if int(q) < n else []
+            else:  # label search; an empty query lists the first labelled latents
+                ids = find_latents(q, st.labels)[:50] if q.strip() else sorted(st.labels)[:50]
             self._json([{"latent": i, "label": label_of(st.labels, i)} for i in ids])
         else:
             self._json({"error": f"not found: {url.path}"}, 404)

@@ -211,6 +211,10 @@ def test_ui_server_streams_side_by_side_and_validates(setup):
             assert "<title>SAE steering</title>" in r.read().decode()
         with urllib.request.urlopen(url + "api/latents?q=dog", timeout=10) as r:
             assert json.loads(r.read()) == [{"latent": 7, "label": "dog things"}]
+        with urllib.request.urlopen(url + "api/latents?q=", timeout=10) as r:
+            assert [d["latent"] for d in json.loads(r.read())] == [7, 9]  # empty query: the labelled latents
+        with urllib.request.urlopen(url + "api/latents?q=999", timeout=10) as r:
+            assert json.loads(r.read()) == []
         with urllib.request.urlopen(url + "api/info", timeout=10) as r:
             assert json.loads(r.read())["n_latents"] == 96
         body = {"prompt": "ABC", "steers": [{"latent": 7, "strength": 40.0, "mode": "add"}],
