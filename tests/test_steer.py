@@ -307,6 +307,12 @@ def test_steer_script_on_tiny_model(tmp_path, capsys):
     assert any(r["steered"] != r["unsteered"] for r in res["results"])
     assert all(t["latents"][0][0] == 5 for r in res["results"] for t in r["latents"])  # steered latent on top
     assert (tmp_path / "res.config.json").is_file()
+    from llama.generate import chat_completion
+    main(["--model", str(TINY), "--sae", str(tmp_path / "sae"), "--chat", "--system", "Be brief.", "--prompt",
+          "What is a list?", "--steer", "5:60", "--temperature", "0", "--max-new-tokens", "6", "--out", str(out)])
+    chat = chat_completion(model, tok, [[{"role": "system", "content": "Be brief."},
+                                         {"role": "user", "content": "What is a list?"}]], 6, temperature=0.0)
+    assert json.loads(out.read_text())["results"][0]["unsteered"] == chat[0].text
     with pytest.raises(UserError, match="no latent label contains 'zebra'"):
         main(["--model", str(TINY), "--sae", str(tmp_path / "sae"), "--labels", str(tmp_path / "labels.json"),
               "--steer", "zebra:3"])
