@@ -57,7 +57,8 @@ class CaptureConfig:
     max_docs: int = field(default=0, metadata={"help": "stop after this many documents (0: all)"})
     batch_tokens: int = field(default=8192, metadata={"help": "padded tokens per forward batch"})
     max_batch: int = field(default=256, metadata={"help": "max contexts per forward batch"})
-    pack_contexts: int = field(default=2048, metadata={"help": "contexts sorted together by length"})
+    pack_contexts: int = field(default=8192, metadata={"help": "contexts sorted together by length (at most "
+                                                               "2^20 tokens of them)"})
     shard_rows: int = field(default=16384, metadata={"help": "rows per shard"})
     queue_size: int = field(default=8, metadata={"help": "batches the writer queue holds"})
     prefetch: int = field(default=-1, metadata={"help": "batches tokenized ahead on a loader thread (-1: 4 on cuda "

@@ -4,8 +4,8 @@
     for batch in plan_batches(docs, tok, spec, rank=0, world_size=1): ...
 
 Document i goes to rank i % world_size. Each rank reads its documents in order, cuts them into contexts
-(sentences, or fixed windows of tokens), gathers `pack_contexts` contexts, sorts them by length (longest first,
-ties in reading order) and cuts the sorted list into batches holding at most `batch_tokens` padded tokens, so
+(sentences, or fixed windows of tokens), gathers `pack_contexts` contexts (or `pack_tokens` tokens), sorts them
+by length (longest first, ties in reading order) and cuts the sorted list into batches holding at most `batch_tokens` padded tokens, so
 contexts of similar length share a batch and little compute goes to padding. Everything here is a pure function
 of the inputs and the spec, so a rerun produces the same batches with the same row counts: that is what lets a
 resumed capture skip the batches whose rows are already on disk without running the model on them.
@@ -34,7 +34,8 @@ class PackSpec(NamedTuple):
     keep_bos: bool = False
     batch_tokens: int = 4096  # padded tokens per batch (B * T_max)
     max_batch: int = 256
-    pack_contexts: int = 2048  # contexts sorted together by length
+    pack_contexts: int = 8192  # contexts sorted together by length (more: less padding, more memory)
+    pack_tokens: int = 1 << 20  # ... or fewer, once they hold this many tokens (bounds memory for long windows)
 
 
 class Batch(NamedTuple):
@@ -97,7 +98,7 @@ def plan_batches(docs: Iterable[str], tok, spec: PackSpec, rank: int = 0, world_
                  max_docs: int = 0) -> Iterator[Batch]:
     """The rank's batches, in order, with the running row offset. `docs` is the full document stream."""
     skip = 1 if spec.bos and not spec.keep_bos else 0
-    row, items, docs_in_chunk = 0, [], 0
+    row, items, docs_in_chunk, buffered = 0, [], 0, 0
 
     def flush() -> Iterator[Batch]:
         nonlocal row, items, docs_in_chunk
@@ -122,7 +123,9 @@ def plan_batches(docs: Iterable[str], tok, spec: PackSpec, rank: int = 0, world_
         for c, ids in enumerate(make_contexts(text, tok, spec.mode, spec.ctx_len, spec.bos)):
             if len(ids) > skip:
                 items.append((doc_id, c, ids))
-        if len(items) >= spec.pack_contexts:
+                buffered += len(ids)
+        if len(items) >= spec.pack_contexts or buffered >= spec.pack_tokens:
+            buffered = 0
             yield from flush()
     if items or docs_in_chunk:
         if items:
