@@ -152,7 +152,7 @@ class SAE(nn.Module):
         aux_acts = aux_idx = None
         if self.cfg.architecture == "topk":
             kk = self.aux_k(dead_mask) if dead_mask is not None and self.training else 0
-            acts, idx, aux_acts, aux_idx = sparse_encode(x_n - self.b_dec, self.W_enc, self.b_enc, self.cfg.k,
+            acts, idx, aux_acts, aux_idx = sparse_encode(x_n, self.b_dec, self.W_enc, self.b_enc, self.cfg.k,
                                                          dead_mask if kk else None, kk)
             acts, idx = self.apply_steer(acts, idx)
         else:
@@ -188,9 +188,10 @@ class SAE(nn.Module):
     @torch.no_grad()
     def remove_parallel_grads(self) -> None:
         """Drop the part of each W_dec row's gradient parallel to the row (it would only change its norm)."""
-        if self.W_dec.grad is not None:
+        if self.W_dec.grad is not None:  # g -= (<g, w> / <w, w>) w, row by row, with no [n, d] temporary
             g, w = self.W_dec.grad, self.W_dec
-            g -= (g * w).sum(dim=1, keepdim=True) * w / w.pow(2).sum(dim=1, keepdim=True).clamp_min(1e-12)
+            coef = torch.einsum("nd,nd->n", g, w) / torch.einsum("nd,nd->n", w, w).clamp_min(1e-12)
+            g.addcmul_(w, coef.unsqueeze(1), value=-1.0)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

@@ -2,7 +2,8 @@
 sparse encoder: TopK selection whose backward touches only the kept (and AuxK) latents.
 
 `sparse_encode` never builds a dense [B, n_latents] gradient: the encoder's weight gradient is the same op as
-sparse_decode's W_dec gradient (sparse^T @ x), so it reuses it; the input gradient is a sparse decode of W_enc.
+sparse_decode's W_dec gradient (sparse^T @ x), so it reuses it; b_dec's gradient through the encoder is one
+vector-matrix product (see _SparseEncode).
 """
 from __future__ import annotations
 
@@ -27,20 +28,34 @@ def topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 def sparse_outer(g: Tensor, idx: Tensor, x: Tensor, n_rows: int) -> Tensor:
     """[n_rows, d] with row i = sum over (b, j) with idx[b, j] == i of g[b, j] * x[b]: the W_dec gradient of
-    sparse_decode with grad_out = x, so we take it from that op's backward."""
+    sparse_decode with grad_out = x. On the reference backend it is `kernels.reference.decode_weight_grad` (a
+    sorted per-latent segment sum); on Triton we take it from the decode kernel's backward."""
+    g = g.detach().to(x.dtype)
+    if kernels.backend(g, idx, x) == "reference":
+        return kernels.reference.decode_weight_grad(x, g, idx, n_rows)
     with torch.enable_grad():
         W = torch.zeros(n_rows, x.shape[1], dtype=x.dtype, device=x.device, requires_grad=True)
-        y = sparse_decode(g.to(x.dtype).detach(), idx, W)
+        y = sparse_decode(g, idx, W)
         (gw,) = torch.autograd.grad(y, W, x)
     return gw
 
 
 class _SparseEncode(torch.autograd.Function):
-    """pre = x_c W_enc^T + b_enc; keep TopK (and the AuxK pick among dead latents); ReLU the kept values."""
+    """pre = (x_n - b_dec) W_enc^T + b_enc (one addmm); keep TopK (and the AuxK pick among dead latents) of the
+    pre-activations, then ReLU only the kept values. The dense [B, n] pre-activations live only inside forward.
+
+    Backward with g = grad of the kept values (zero where ReLU cut them), touching only the kept latents:
+      grad b_enc = per-latent sum of g                        (index_add over B*k entries)
+      grad W_enc = sparse(g)^T @ (x_n - b_dec)                (per-latent segment sum, as the W_dec grad)
+      grad b_dec = -sum_b sparse(g)[b] @ W_enc = -(grad b_enc) @ W_enc   (one [n] x [n, d] product instead of
+                                                               decoding all B rows and summing them)
+      grad x_n   = sparse_decode(g, idx, W_enc)               (only if x_n itself requires grad)
+    """
 
     @staticmethod
-    def forward(ctx, x_c: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, dead_mask: Tensor | None,
+    def forward(ctx, x_n: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, dead_mask: Tensor | None,
                 k_aux: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        x_c = x_n - b_dec
         pre = F.linear(x_c, W_enc, b_enc)
         vals, idx = topk(pre, k)
         if dead_mask is not None and bool(dead_mask.any()):
@@ -62,16 +77,21 @@ class _SparseEncode(torch.autograd.Function):
         ga = g_acts if g_acts is not None else x_c.new_zeros(B, k)
         gx = g_aux if g_aux is not None else x_c.new_zeros(B, idx.shape[1] - k)
         g = (torch.cat([ga.float(), gx.float()], 1) * pos).to(x_c.dtype)
-        grad_x = sparse_decode(g, idx, W_enc) if ctx.needs_input_grad[0] else None
-        grad_W = sparse_outer(g, idx, x_c, W_enc.shape[0]).to(W_enc.dtype) if ctx.needs_input_grad[1] else None
-        grad_b = None
-        if ctx.needs_input_grad[2]:
+        need_x, need_bdec, need_W, need_benc = ctx.needs_input_grad[:4]
+        grad_x = sparse_decode(g, idx, W_enc) if need_x else None
+        grad_W = sparse_outer(g, idx, x_c, W_enc.shape[0]).to(W_enc.dtype) if need_W else None
+        grad_b = grad_bdec = None
+        if need_benc or need_bdec:
             grad_b = torch.zeros(W_enc.shape[0], dtype=torch.float32, device=g.device)
-            grad_b = grad_b.index_add_(0, idx.flatten(), g.flatten().float()).to(W_enc.dtype)
-        return grad_x, grad_W, grad_b, None, None, None
+            grad_b = grad_b.index_add_(0, idx.flatten(), g.flatten().float())
+            if need_bdec:
+                grad_bdec = -(grad_b.to(W_enc.dtype) @ W_enc)
+            grad_b = grad_b.to(W_enc.dtype) if need_benc else None
+        return grad_x, grad_bdec, grad_W, grad_b, None, None, None
 
 
-def sparse_encode(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, dead_mask: Tensor | None = None,
+def sparse_encode(x_n: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, dead_mask: Tensor | None = None,
                   k_aux: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (top_acts [B,k], top_indices [B,k], aux_acts [B,k'], aux_indices [B,k']), k' = min(k_aux, n_dead) or 0."""
-    return _SparseEncode.apply(x_c, W_enc, b_enc, k, dead_mask, k_aux)
+    """TopK code of x_n - b_dec -> (top_acts [B,k], top_indices [B,k], aux_acts [B,k'], aux_indices [B,k']),
+    k' = min(k_aux, n_dead) or 0."""
+    return _SparseEncode.apply(x_n, b_dec, W_enc, b_enc, k, dead_mask, k_aux)

@@ -144,3 +144,19 @@ def test_ddp_two_gloo_ranks_equal_one_process(tmp_path: Path) -> None:
     metrics = [json.loads(ln) for ln in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert max(m["dead"] for m in metrics) > 0  # AuxK was active in the compared run
     assert one.step == 25
+
+
+def test_clip_grad_norm_matches_torch_above_and_below_the_limit() -> None:
+    from sae.train import clip_grad_norm
+    for scale in (1e-3, 1e3):  # below max_norm (untouched) and above it (rescaled)
+        g = torch.Generator().manual_seed(1)
+        a = [torch.nn.Parameter(torch.randn(5, 3, generator=g)) for _ in range(2)]
+        b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+        for p, q in zip(a, b):
+            p.grad = torch.randn(p.shape, generator=g) * scale
+            q.grad = p.grad.clone()
+        n_ours = clip_grad_norm(a, 1.0)
+        n_torch = torch.nn.utils.clip_grad_norm_(b, 1.0)
+        torch.testing.assert_close(n_ours, n_torch)
+        for p, q in zip(a, b):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
