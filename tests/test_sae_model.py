@@ -156,3 +156,15 @@ def test_init_sets_scale_and_w_enc_is_w_dec_transpose() -> None:
     init_from_sample(sae, x, "mean")
     assert abs(float((sae.normalize(x) ** 2).sum(-1).mean()) - 16) < 1e-3
     torch.testing.assert_close(sae.b_dec, sae.normalize(x).mean(0))
+
+
+def test_encoder_gemm_backends_match_float64(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sae.ops
+    g = torch.Generator().manual_seed(3)
+    x, W, b = torch.randn(33, 40, generator=g), torch.randn(70, 40, generator=g), torch.randn(70, generator=g)
+    want = x.double() @ W.double().T + b.double()
+    for onednn in (True, False):  # oneDNN's GEMM (when this torch has it) and F.linear
+        monkeypatch.setattr(sae.ops, "ONEDNN", onednn and sae.ops._onednn_ok())
+        got = sae.ops.encoder_linear(x, W, b)
+        assert got.dtype == torch.float32 and got.shape == (33, 70)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
