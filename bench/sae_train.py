@@ -12,7 +12,9 @@ thread setting. The machine is shared, so only same-run ratios mean anything.
 What one step is, on each side (like for like):
 - ours: `Trainer.train_step` as training runs it: forward (FVU; AuxK skipped because no latent is dead yet),
   backward, decoder-gradient projection, grad-norm clip at 1.0, AdamW (weight decay 0 = Adam; fused), LR
-  schedule, decoder renormalisation, dead-latent counters and logged stats.
+  schedule, decoder renormalisation, dead-latent counters and logged stats. Its encoder GEMM runs on oneDNN's
+  fp32 kernel (sae.ops.encoder_linear); `SAE_ENCODER_GEMM=blas python bench/sae_train.py` measures ours with
+  F.linear (MKL sgemm, what sparsify uses) instead.
 - sparsify: `SparseCoder.forward(x, dead_mask=all-False)` (so its AuxK is skipped too), fvu + auxk/32 backward,
   `remove_gradient_parallel_to_decoder_directions`, grad-norm clip at 1.0 (sparsify's trainer has no clipping;
   added so both do the same work), `torch.optim.Adam` built as sparsify's trainer builds it when bitsandbytes

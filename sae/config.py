@@ -78,9 +78,11 @@ class TrainConfig:
     beta2: float = 0.999
     eps: float = field(default=6.25e-10, metadata={"help": "Adam eps (small: SAE grads are tiny)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW decay on weight matrices (never biases)"})
-    schedule: str = field(default="constant", metadata={"help": "LR after warmup", "choices": ["constant", "cosine"]})
-    warmup_steps: int = field(default=100, metadata={"help": "linear LR warmup steps"})
-    min_lr_ratio: float = field(default=0.0, metadata={"help": "cosine floor as a fraction of peak"})
+    # Cosine decay to 10% of peak after a short warmup: the late small steps settle the decoder directions
+    # (bench/sae_recovery.py is measured with it); use --schedule constant for open-ended runs.
+    schedule: str = field(default="cosine", metadata={"help": "LR after warmup", "choices": ["constant", "cosine"]})
+    warmup_steps: int = field(default=100, metadata={"help": "linear LR warmup steps (capped at steps // 10)"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine floor as a fraction of peak"})
     grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm (0: off)"})
     ema_decay: float = field(default=0.0, metadata={"help": "EMA of weights (0: off); the EMA is what is saved"})
     autocast: bool = field(default=False, metadata={"help": "bf16 autocast (CUDA only; fp32 master weights)"})
