@@ -154,8 +154,10 @@ class IncrementalDecoder:
     """Turns a growing list of token ids into text pieces; holds back an incomplete UTF-8 character ('\\ufffd'
     at the end) until the tokens that complete it arrive."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer, self.tokens, self.emitted = tokenizer, [], ""
+    def __init__(self, tokenizer: Tokenizer, context: Sequence[int] = ()) -> None:
+        # decoding after the prompt's tokens keeps word-boundary spaces (SentencePiece drops a leading one)
+        self.tokenizer, self.tokens = tokenizer, list(context)
+        self.emitted = self.start = tokenizer.decode(self.tokens) if self.tokens else ""
 
     def push(self, token: int | None, final: bool = False) -> str:
         if token is not None:
@@ -166,18 +168,30 @@ class IncrementalDecoder:
         piece, self.emitted = text[len(self.emitted):], text
         return piece
 
+    @property
+    def text(self) -> str:
+        """Everything decoded after the context so far."""
+        return self.emitted[len(self.start):]
+
+
+def _decode_after(tokenizer: Tokenizer, context: Sequence[int], tokens: list[int]) -> str:
+    dec = IncrementalDecoder(tokenizer, context)
+    dec.tokens += tokens
+    full = tokenizer.decode(dec.tokens)
+    return full[len(dec.start):] if full.startswith(dec.start) else tokenizer.decode(tokens)
+
 
 def _complete(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]], max_new_tokens: int,
               stream: bool, **kw) -> list[Completion] | Iterator[TextChunk]:
     if stream:
         return _stream_text(model, tokenizer, prompts, max_new_tokens, **kw)
     out = generate(model, tokenizer, prompts, max_new_tokens, **kw)
-    return [Completion(tokenizer.decode(t), t, r) for t, r in zip(out.tokens, out.stop_reasons)]
+    return [Completion(_decode_after(tokenizer, p, t), t, r) for p, t, r in zip(prompts, out.tokens, out.stop_reasons)]
 
 
 def _stream_text(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]], max_new_tokens: int,
                  **kw) -> Iterator[TextChunk]:
-    decoders = [IncrementalDecoder(tokenizer) for _ in prompts]
+    decoders = [IncrementalDecoder(tokenizer, p) for p in prompts]
     for ev in generate(model, tokenizer, prompts, max_new_tokens, stream=True, **kw):
         dec = decoders[ev.index]
         piece = dec.push(None if ev.stop_reason == "stop" else ev.token, final=ev.stop_reason is not None)

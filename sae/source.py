@@ -7,6 +7,7 @@ one rank sees at batch W*B, and `start_batch=i` resumes at global batch i.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -60,3 +61,22 @@ class TensorSource:
 
     def rows(self, i0: int, i1: int, split: str | None = None, point: str | None = None) -> Tensor:
         return (self._split(split) if split else self.x)[i0:i1]
+
+
+def open_source(path: str) -> Any:
+    """--store: an activation store folder (sae.store) or a .pt file holding one [rows, d_model] tensor."""
+    if not path:
+        raise UserError("--store is required: an activation store folder or a .pt tensor file")
+    p = Path(path)
+    if p.is_file() and p.suffix == ".pt":
+        try:
+            x = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"--store {p}: cannot read as a torch tensor file ({e})") from e
+        if not isinstance(x, torch.Tensor):
+            raise UserError(f"--store {p}: expected one [rows, d_model] tensor, got {type(x).__name__}")
+        return TensorSource(x.float())
+    if not p.is_dir():
+        raise UserError(f"--store {p}: no such activation store folder or .pt file")
+    from sae.store import open_store  # late: the store imports this module
+    return open_store(p)

@@ -223,7 +223,7 @@ def steered_stream(model: Any, tokenizer: Any, sae: Any, prompts: Sequence[Seque
     if sae.cfg.d_in != model.args.dim:
         raise UserError(f"the SAE's d_in={sae.cfg.d_in} does not match the model's dim={model.args.dim}")
     splice = SAESplice(sae, steers, error_term=error_term, rows=rows, record=record)
-    decoders = [IncrementalDecoder(tokenizer) for _ in prompts]
+    decoders = [IncrementalDecoder(tokenizer, p) for p in prompts]
     for ev in generate(model, tokenizer, prompts, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                        edit={hook: splice}, stream=True):
         piece = decoders[ev.index].push(None if ev.stop_reason == "stop" else ev.token,

@@ -14,33 +14,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from typing import Any  # noqa: E402
 
-import torch  # noqa: E402
 
-from llama.cli import UserError, parse_config, run_main  # noqa: E402
+from llama.cli import parse_config, run_main  # noqa: E402
 from sae import dist  # noqa: E402
 from sae.config import TrainConfig  # noqa: E402
-from sae.source import TensorSource  # noqa: E402
+from sae.source import open_source  # noqa: E402
 from sae.train import train  # noqa: E402
-
-
-def open_source(path: str) -> Any:
-    if not path:
-        raise UserError("--store is required: an activation store folder or a .pt tensor file")
-    p = Path(path)
-    if p.is_file() and p.suffix == ".pt":
-        try:
-            x = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise UserError(f"--store {p}: cannot read as a torch tensor file ({e})") from e
-        if not isinstance(x, torch.Tensor):
-            raise UserError(f"--store {p}: expected one [rows, d_model] tensor, got {type(x).__name__}")
-        return TensorSource(x.float())
-    if not p.is_dir():
-        raise UserError(f"--store {p}: no such activation store folder or .pt file")
-    from sae.store import open_store
-    return open_store(p)
 
 
 def main(argv: list[str] | None = None) -> int:

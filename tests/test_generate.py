@@ -217,7 +217,10 @@ def test_text_and_chat_completion(spm_model, spm_tok):
     ids = [spm_tok.encode(p, bos=True, eos=False) for p in prompts]
     outs = text_completion(model, spm_tok, prompts, 10, temperature=0.0)
     for c, p in zip(outs, ids):
-        assert c.tokens == generate(model, spm_tok, [p], 10).tokens[0] and c.text == spm_tok.decode(c.tokens)
+        assert c.tokens == generate(model, spm_tok, [p], 10).tokens[0]
+        # the completion is what decoding prompt + completion adds after the prompt's own text (keeps the space
+        # SentencePiece would drop when the completion is decoded alone)
+        assert spm_tok.decode(p + c.tokens) == spm_tok.decode(p) + c.text
     streamed = ["", ""]
     for ch in text_completion(model, spm_tok, prompts, 10, temperature=0.0, stream=True):
         streamed[ch.index] += ch.text
