@@ -21,12 +21,12 @@ update, so the store's mean/variance do not depend on where a run was killed and
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+
+from llama.cli import atomic_write
 
 META_FIELDS = {"token_id": np.int32, "doc_id": np.int64, "ctx": np.int32, "pos": np.int32}
 MANIFEST, PLAN, CONFIG, SHARD_DIR = "manifest.json", "plan.json", "capture_config.json", "shards"
@@ -42,21 +42,8 @@ def shard_file(store: Path, name: str, what: str) -> Path:
 
 
 def atomic_save_npy(path: Path, arr: np.ndarray) -> None:
-    """np.save to a temp file in the same folder, fsync, rename: a reader never sees a partial array."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, arr, allow_pickle=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """np.save through a temp file + fsync + rename: a reader never sees a partial array."""
+    atomic_write(path, lambda fh: np.save(fh, arr, allow_pickle=False))
 
 
 class Moments(NamedTuple):
