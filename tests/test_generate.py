@@ -23,13 +23,7 @@ V = 96
 PROMPTS = [[1, 5, 9], [1, 7, 3, 3, 8, 2, 11], [1], [1, 40, 41, 42, 43]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: two threads on a shared 2-core machine only add OpenMP barrier waits (10-100x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_model(vocab_size: int) -> Transformer:

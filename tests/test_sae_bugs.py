@@ -27,12 +27,7 @@ from sae.train import Trainer
 DATA = SyntheticConfig(d=16, n_features=40, rows=3000, avg_active=3, scale=50.0, bias_norm=2.0, seed=7)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def cfg_for(out: Path, **kw) -> TrainConfig:

@@ -20,13 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EASY = SyntheticConfig(d=32, n_features=64, rows=20_000, avg_active=3, scale=7.0, bias_norm=1.0, seed=123)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes: one thread avoids oversubscribing the 2 shared cores (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def small_cfg(out: Path, **kw) -> TrainConfig:

@@ -67,13 +67,7 @@ def consecutive_windows(stream: list[int], seq_len: int) -> torch.Tensor:
     return torch.stack([torch.tensor(stream[i * seq_len:(i + 1) * seq_len + 1]) for i in range(n)])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The CI machine has 2 shared cores: one torch thread avoids oversubscription stalls; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_committed_files_are_small_and_in_meta_layout(info: dict) -> None:
