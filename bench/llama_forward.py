@@ -16,10 +16,8 @@ Goals (issue 2): prefill time <= 0.8x HF's, decode tok/s >= 1.2x HF's, peak memo
 from __future__ import annotations
 
 import json
-import math
 import re
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -34,6 +32,7 @@ import torch  # noqa: E402
 
 import llama  # noqa: E402
 from llama.cli import UserError, atomic_write_json, config_to_dict, parse_config, run_main  # noqa: E402
+from llama.random_weights import write_random_safetensors  # noqa: E402
 
 
 @dataclass
@@ -99,29 +98,7 @@ def write_random_checkpoint(folder: Path, args: llama.ModelArgs, seed: int = 0) 
             shapes[f"model.layers.{i}.{name}.weight"] = shape
     if not args.tie_embeddings:
         shapes["lm_head.weight"] = (args.vocab_size, d)
-    gen = torch.Generator().manual_seed(seed)
-    bank = torch.randn(1 << 22, generator=gen)
-    header: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, shape in shapes.items():
-        size = 2 * math.prod(shape)
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    head = json.dumps(header).encode()
-    head += b" " * (-len(head) % 8)
-    banks: dict[float, object] = {}
-    with open(folder / "model.safetensors", "wb") as fh:
-        fh.write(struct.pack("<Q", len(head)) + head)
-        for name, shape in shapes.items():
-            scale = 0.0 if len(shape) == 1 else 1.0 if "embed" in name or "lm_head" in name else shape[1] ** -0.5
-            if scale not in banks:
-                values = 1.0 + bank.clamp(-1, 1) / 2 if scale == 0.0 else bank * scale
-                banks[scale] = values.bfloat16().view(torch.int16).numpy()
-            values, n = banks[scale], math.prod(shape)
-            half = len(values) // 2  # type: ignore[arg-type]
-            for start in range(0, n, half):
-                at = int(torch.randint(0, half, (1,), generator=gen))
-                fh.write(values[at:at + min(half, n - start)].tobytes())  # type: ignore[index]
+    write_random_safetensors(folder / "model.safetensors", shapes, seed)
 
 
 # ------------------------------------------------------------------------------------------- one child run
