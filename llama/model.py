@@ -197,8 +197,8 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # (B, T) -> (B, T, D)
         cos, sin = rope_tables(self.args, start_pos, T, h.device)  # two (T, Dh/2) fp32 tables
         for i, layer in enumerate(self.layers[:last_layer + 1]):
-            hooked = any(layer_idx == i for layer_idx in wanted.values())
-            h = layer(h, start_pos, cos, sin, self._hook(i, capture, edit, activations) if hooked else None)
+            hook = self._hook(i, capture, edit, activations) if i in wanted.values() else None
+            h = layer(h, start_pos, cos, sin, hook)  # (B, T, D) -> (B, T, D): one more layer of the residual stream
         if stop_early:
             return ForwardOutput(None, activations)
         if last_only:
