@@ -50,21 +50,21 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def all_reduce_sum(t: Tensor) -> Tensor:
-    """Global sum of `t` across ranks (a new tensor; identity on one process)."""
+def _all_reduce(t: Tensor, op: dist.ReduceOp) -> Tensor:
+    """`op` of `t` across ranks (a new tensor; identity on one process)."""
     if not active():
         return t
     t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    dist.all_reduce(t, op=op)
     return t
+
+
+def all_reduce_sum(t: Tensor) -> Tensor:
+    return _all_reduce(t, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(t: Tensor) -> Tensor:
-    if not active():
-        return t
-    t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
+    return _all_reduce(t, dist.ReduceOp.MAX)
 
 
 @torch.no_grad()
