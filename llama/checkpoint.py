@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
 import torch
+from torch import nn
 
 from llama.cli import UserError
 from llama.config import PRESETS, ModelArgs
+from llama.cpu_linear import PackedLinear, onednn_available, pack_for_cpu
 from llama.model import Transformer
 
 # HF name (layer index as {}) -> our (= Meta's) name. Every HF tensor must appear here.
@@ -50,19 +52,28 @@ class Tensors(NamedTuple):
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype | str = torch.float32) -> Transformer:
-    """Load a Meta- or HF-layout folder (detected) as a Transformer in eval mode on `device` with `dtype`."""
+               dtype: torch.dtype | str = torch.float32, pack: bool = True) -> Transformer:
+    """Load a Meta- or HF-layout folder (detected) as a Transformer in eval mode on `device` with `dtype`.
+
+    pack: on CPU (bf16 or fp32, oneDNN present, LLAMA_CPU_PACK not 0) run the linear layers through oneDNN, bf16
+    weights packed into its layout as they stream in, for faster inference (llama/cpu_linear.py). Packed weights
+    are copies, so the other bf16 weights are copied out of the mapped file too: no file page stays resident
+    beside its copy, and loading needs about the weights' size in RAM."""
     device, dtype = _device(device), _dtype(dtype)
+    pack = pack and device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and onednn_available()
+    packing = pack and dtype == torch.bfloat16  # bf16 linear weights are packed (copied) as they stream in
     src = read_checkpoint(Path(path))
     with torch.device("meta"):  # shapes only, no memory
         model = Transformer(src.args)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    linear_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    tied_output = {"output.weight"} if src.args.tie_embeddings else set()
     state: dict[str, torch.Tensor] = {}
     origin: dict[str, Path] = {}
     for name, tensor, file in src.tensors:
         if name not in expected:
             raise UserError(f"{file}: unexpected tensor {name!r} ({src.config_file.name} describes no such weight)")
-        if name in state:
+        if name in origin:
             raise UserError(f"{file}: tensor {name!r} is also in {origin[name]}")
         if tuple(tensor.shape) != expected[name]:
             raise UserError(f"{file}: tensor {name!r} has shape {list(tensor.shape)} but {src.config_file.name} "
@@ -70,20 +81,27 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         if not tensor.is_floating_point():
             raise UserError(f"{file}: tensor {name!r} has dtype {tensor.dtype}; expected floating-point weights "
                             "(quantized checkpoints are not supported)")
-        state[name], origin[name] = tensor.to(device=device, dtype=dtype), file  # no copy if already right
+        t, origin[name] = tensor.to(device=device, dtype=dtype), file  # no copy if already right
+        if packing and name in linear_weights and name not in tied_output:
+            parent, _, attr = name.removesuffix(".weight").rpartition(".")  # e.g. layers.3.attention + wq
+            setattr(model.get_submodule(parent), attr, PackedLinear(t))
+            continue
+        state[name] = t.clone() if packing and t is tensor else t  # the rest is copied out of the file too
     if src.args.tie_embeddings:
         if "output.weight" in state:  # HF ignores lm_head when tied; so do we
             del state["output.weight"]
         if "tok_embeddings.weight" in state:
             state["output.weight"] = state["tok_embeddings.weight"]
-    missing = [k for k in expected if k not in state]
+    missing = [k for k in expected if k not in origin and k not in tied_output]
     if missing:
         files = sorted({str(f) for f in origin.values()}) or ["(no tensors)"]
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise UserError(f"{path}: missing tensor(s) {', '.join(missing[:3])}{more} in {', '.join(files)}")
-    model.load_state_dict(state, strict=True, assign=True)
+    model.load_state_dict(state, strict=not packing, assign=True)  # packed layers were filled above
     if src.args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight  # assign=True made two Parameters; share one again
+    if pack:
+        pack_for_cpu(model)  # the fp32 linears and a tied output: oneDNN on the dense weight
     return model.eval()
 
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from llama.cli import UserError
 from llama.config import ModelArgs
+from llama.cpu_attention import causal_attention
 from llama.rope import apply_rope, rope_tables
 
 Hook = Callable[[str, torch.Tensor], torch.Tensor]  # (point name within a block, tensor) -> tensor
@@ -81,25 +82,35 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor,
+                last_only: bool = False) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D); with last_only, keys/values for all T but the query (and output) of the last
+        position only: (B, 1, D). That is all the final layer of a prompt needs for the next token."""
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, D) -> (B, T, H, Dh)
+        xq, cq, sq = (x[:, -1:], cos[-1:], sin[-1:]) if last_only else (x, cos, sin)
+        Tq = xq.shape[1]
+        q = self.wq(xq).view(B, Tq, self.n_heads, self.head_dim)  # (B, Tq, D) -> (B, Tq, H, Dh)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, D) -> (B, T, KV, Dh)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, D) -> (B, T, KV, Dh)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # position enters as a rotation of q and k
+        q, k = apply_rope(q, cq, sq), apply_rope(k, cos, sin)  # position enters as a rotation of q and k
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, T, heads, Dh) -> (B, heads, T, Dh)
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)  # (B, KV, S, Dh) with S = start_pos + T
         S = k.shape[2]
-        if S == T:  # no earlier positions: plain causal mask
-            mask, causal = None, T > 1
-        else:  # query t sits at position start_pos + t and may see keys 0..start_pos + t
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-            causal = False
-        # softmax(q k^T / sqrt(Dh)) v, each KV head serving H/KV query heads
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           enable_gqa=self.n_heads != self.n_kv_heads)  # (B, H, T, Dh)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, H, T, Dh) -> (B, T, H*Dh)
+        # softmax(q k^T / sqrt(Dh) + causal mask) v, each KV head serving H/KV query heads -> (B, H, Tq, Dh)
+        if Tq > 1 and x.is_cpu and not torch.is_grad_enabled():  # a CPU prompt: grouped heads, block-causal bmm
+            y = causal_attention(q, k, v)
+        else:
+            if Tq == 1:  # one query, at the newest position: it may see every key
+                mask, causal = None, False
+            elif S == Tq:  # no earlier positions: plain causal mask
+                mask, causal = None, True
+            else:  # query t sits at position S - Tq + t and may see keys 0..S - Tq + t
+                mask = torch.ones(Tq, S, dtype=torch.bool, device=x.device).tril(diagonal=S - Tq)
+                causal = False
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                               enable_gqa=self.n_heads != self.n_kv_heads)
+        y = y.transpose(1, 2).reshape(B, Tq, self.n_heads * self.head_dim)  # (B, H, Tq, Dh) -> (B, Tq, H*Dh)
         return self.wo(y)
 
 
@@ -128,10 +139,12 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, h: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor,
-                hook: Hook | None = None) -> torch.Tensor:
+                hook: Hook | None = None, last_only: bool = False) -> torch.Tensor:
+        """h (B, T, D) -> (B, T, D), or (B, 1, D) for the last position only (the final layer of a prompt)."""
         point = hook or (lambda name, t: t)  # no capture/edit: every point is the identity
         h = point("hook_resid_pre", h)
-        h = h + point("hook_attn_out", self.attention(self.attention_norm(h), start_pos, cos, sin))
+        a = point("hook_attn_out", self.attention(self.attention_norm(h), start_pos, cos, sin, last_only))
+        h = (h[:, -1:] if last_only else h) + a  # (B, T, D) -> (B, 1, D) when last_only
         h = h + point("hook_mlp_out", self.feed_forward(self.ffn_norm(h)))
         return point("hook_resid_post", h)
 
@@ -198,7 +211,9 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(self.args, start_pos, T, h.device)  # two (T, Dh/2) fp32 tables
         for i, layer in enumerate(self.layers[:last_layer + 1]):
             hook = self._hook(i, capture, edit, activations) if i in wanted.values() else None
-            h = layer(h, start_pos, cos, sin, hook)  # (B, T, D) -> (B, T, D): one more layer of the residual stream
+            # the final layer's queries and feed-forward only matter at the last position when that is all we return
+            last = last_only and not stop_early and hook is None and i == self.args.n_layers - 1
+            h = layer(h, start_pos, cos, sin, hook, last)  # (B, T, D) -> (B, T, D): one more layer of the stream
         if stop_early:
             return ForwardOutput(None, activations)
         if last_only:

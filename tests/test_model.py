@@ -115,6 +115,37 @@ def test_cached_decode_and_last_only_equal_a_full_forward(model: llama.Transform
     torch.testing.assert_close(model(tokens, 5).logits, full, rtol=1e-4, atol=1e-4)
 
 
+@torch.no_grad()
+def test_last_only_prefill_fills_the_same_cache(model: llama.Transformer, tokens: torch.Tensor) -> None:
+    """last_only skips the final layer's queries and feed-forward except at the last position; the cache it leaves
+    (keys/values of every position in every layer) and everything decoded after it match a full prefill's."""
+    full = model(tokens).logits
+    caches = []
+    for last_only in (False, True):
+        model.setup_caches(max_batch_size=2, max_seq_len=32)
+        try:
+            first = model(tokens[:, :10], 0, last_only=last_only).logits
+            chunk = model(tokens[:, 10:15], 10, last_only=last_only).logits  # 5 queries after 10 cached: masked
+            rest = [model(tokens[:, t:t + 1], t).logits for t in range(15, 24)]
+            caches.append([(layer.attention.cache.k.clone(), layer.attention.cache.v.clone()) for layer in model.layers])
+        finally:
+            model.clear_caches()
+        assert first.shape[1] == (1 if last_only else 10) and chunk.shape[1] == (1 if last_only else 5)
+        torch.testing.assert_close(first[:, -1], full[:, 9], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(chunk[:, -1], full[:, 14], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.cat(rest, dim=1), full[:, 15:], rtol=1e-5, atol=1e-5)
+    for (k0, v0), (k1, v1) in zip(*caches):
+        torch.testing.assert_close(k1, k0, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(v1, v0, rtol=1e-6, atol=1e-6)
+    # a capture or edit in the final layer still sees (and changes) every position
+    out = model(tokens, capture=["blocks.2.hook_mlp_out"], edit={"blocks.2.hook_resid_pre": lambda h: h * 0.5},
+                last_only=True)
+    ref = model(tokens, capture=["blocks.2.hook_mlp_out"], edit={"blocks.2.hook_resid_pre": lambda h: h * 0.5})
+    assert out.activations["blocks.2.hook_mlp_out"].shape == (2, 24, 64)
+    torch.testing.assert_close(out.logits, ref.logits[:, -1:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.activations["blocks.2.hook_mlp_out"], ref.activations["blocks.2.hook_mlp_out"])
+
+
 def test_unknown_points_are_user_errors(model: llama.Transformer, tokens: torch.Tensor) -> None:
     for bad in ("blocks.3.hook_resid_pre", "blocks.0.hook_resid_mid", "resid_pre", "blocks.x.hook_attn_out"):
         with pytest.raises(UserError, match="blocks.0.hook_resid_post"):
