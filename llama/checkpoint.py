@@ -23,6 +23,7 @@ from torch import nn
 
 from llama.cli import UserError
 from llama.config import PRESETS, ModelArgs
+from llama.cpu_malloc import keep_freed_memory
 from llama.cpu_linear import PackedLinear, onednn_available, pack_for_cpu
 from llama.model import Transformer
 
@@ -58,10 +59,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     pack: on CPU (bf16 or fp32, oneDNN present, LLAMA_CPU_PACK not 0) run the linear layers through oneDNN, bf16
     weights packed into its layout as they stream in, for faster inference (llama/cpu_linear.py). Packed weights
     are copies, so the other bf16 weights are copied out of the mapped file too: no file page stays resident
-    beside its copy, and loading needs about the weights' size in RAM."""
+    beside its copy, and loading needs about the weights' size in RAM.
+    On CPU, glibc's malloc is also told to keep freed activation buffers (llama/cpu_malloc.py)."""
     device, dtype = _device(device), _dtype(dtype)
     pack = pack and device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and onednn_available()
     packing = pack and dtype == torch.bfloat16  # bf16 linear weights are packed (copied) as they stream in
+    if device.type == "cpu":
+        keep_freed_memory()
     src = read_checkpoint(Path(path))
     with torch.device("meta"):  # shapes only, no memory
         model = Transformer(src.args)
