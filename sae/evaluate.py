@@ -28,7 +28,7 @@ def activation_metrics(sae: SAE, source: Any, batch_size: int = 4096, max_batche
     sae.eval()
     n = sae.cfg.n_latents
     counts = torch.zeros(n, dtype=torch.long, device=sae.device)
-    err = sx = sxx = 0.0
+    err = sxx = 0.0
     sum_x = torch.zeros(sae.cfg.d_in, dtype=torch.float64, device=sae.device)
     tokens, l0_sum = 0, 0.0
     batch_size = min(batch_size, source.num_rows(split))

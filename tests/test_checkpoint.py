@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import llama
-from llama.checkpoint import HF_TO_META, hf_to_meta
+from llama.checkpoint_files import HF_TO_META, hf_to_meta
 from llama.cli import UserError
 
 ARGS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, multiple_of=32, ffn_dim_multiplier=None,

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import llama
-import llama.checkpoint as ckpt
+import llama.checkpoint_files as ckpt
 from llama.random_weights import write_random_safetensors
 
 transformers = pytest.importorskip("transformers")

@@ -112,7 +112,7 @@ def test_meta_scaling_sensitivity(tmp_path: Path, model_parallel: None) -> None:
 
 def test_meta_preset_shapes_get_their_rope_factor() -> None:
     """params.json has no RoPE factor: Llama 3.2 1B/3B shapes get 32, Llama 3.1 8B shapes get 8."""
-    from llama.checkpoint import meta_args
+    from llama.checkpoint_files import meta_args
     for preset, factor in (("llama-3.2-1b", 32.0), ("llama-3.2-3b", 32.0), ("llama-3.1-8b", 8.0)):
         p = llama.PRESETS[preset]()
         meta_params = dict(dim=p.dim, n_layers=p.n_layers, n_heads=p.n_heads, n_kv_heads=p.n_kv_heads,
