@@ -7,7 +7,7 @@ Per child: load (time; peak private RAM added by loading, vs the bytes of the lo
 page cache, not counted), a short warm-up, prefill of 1 x `prompt` tokens (next-token logits only, as generation
 does; best of `prefills` runs, each from an empty cache), then greedy decode of `new_tokens` tokens with each
 library's KV cache (ours: static cache; HF: its default DynamicCache), and the peak RSS (all resident pages, weights
-included) of prefill + decode.
+included) of prefill + decode. One more prefill is then profiled: the time in the linear layers' GEMMs vs all ops.
 
 Both children first raise glibc's malloc thresholds (llama/cpu_malloc.py; our load_model does it anyway). Without
 that, HF's prefill pays ~120k page faults (~10% of its time) re-mapping freed activations, and the ratio would
@@ -144,8 +144,9 @@ def run_child(cfg: ForwardBenchConfig) -> dict[str, float]:
                 tok, cache = out.logits.argmax(-1), out.past_key_values
 
     with torch.inference_mode():
-        tok, cache = prefill(prompt[:, :16])  # warm-up: kernels, first touch of every weight page
-        decode(tok, cache, 16, 4)
+        warm = min(16, cfg.prompt)
+        tok, cache = prefill(prompt[:, :warm])  # warm-up: kernels, first touch of every weight page
+        decode(tok, cache, warm, min(4, cfg.new_tokens))
         _reset_peak()
         prefill_s = float("inf")
         for _ in range(cfg.prefills):  # best of a few: the machine drifts; each starts from an empty cache
@@ -155,9 +156,25 @@ def run_child(cfg: ForwardBenchConfig) -> dict[str, float]:
         t0 = time.perf_counter()
         decode(tok, cache, cfg.prompt, cfg.new_tokens)
         decode_s = time.perf_counter() - t0
+        peak_gb = _status_kb("VmHWM") / 2**20
+        gemm_s, total_s = profile_prefill(lambda: prefill(prompt))
     return {"load_s": load_s, "load_peak_gb": (load_mem.peak - anon0) / 2**20, "weights_gb": weight_bytes / 2**30,
-            "prefill_s": prefill_s, "decode_tok_s": cfg.new_tokens / decode_s,
-            "run_peak_gb": _status_kb("VmHWM") / 2**20}
+            "prefill_s": prefill_s, "decode_tok_s": cfg.new_tokens / decode_s, "run_peak_gb": peak_gb,
+            "prefill_gemm_s": gemm_s, "prefill_profiled_s": total_s}
+
+
+GEMM_OPS = {"mkldnn::_linear_pointwise", "aten::mm", "aten::addmm"}  # the linear layers (attention uses bmm/SDPA)
+
+
+def profile_prefill(run) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """(seconds in the linear layers' GEMMs, seconds of all ops) of one profiled prefill: how much of the time any
+    implementation could still win without doing less arithmetic."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    events = prof.key_averages()
+    return (sum(e.self_cpu_time_total for e in events if e.key in GEMM_OPS) / 1e6,
+            sum(e.self_cpu_time_total for e in events) / 1e6)
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -219,6 +236,9 @@ def print_table(results: dict[str, dict[str, dict[str, float]]], file_gb: float,
               f"tok/s {o['decode_tok_s'] / h['decode_tok_s']:.2f} (goal >= 1.20), run peak memory "
               f"{o['run_peak_gb'] / h['run_peak_gb']:.2f} (goal <= 1.00), load RAM / loaded weights "
               f"{o['load_peak_gb'] / o['weights_gb']:.2f} (goal <= 1.10)")
+        print(f"{dtype:9} prefill profile (one more run each): linear-layer GEMMs ours {o['prefill_gemm_s']:.2f}s of "
+              f"{o['prefill_profiled_s']:.2f}s, HF {h['prefill_gemm_s']:.2f}s of {h['prefill_profiled_s']:.2f}s; "
+              f"our GEMMs alone are {o['prefill_gemm_s'] / h['prefill_s']:.2f}x HF's whole prefill")
 
 
 if __name__ == "__main__":
