@@ -37,6 +37,7 @@ import torch  # noqa: E402
 
 import llama  # noqa: E402
 from llama.cli import UserError, atomic_write_json, config_to_dict, parse_config, run_main  # noqa: E402
+from llama.checkpoint_files import read_checkpoint  # noqa: E402
 from llama.cpu_linear import weight_bytes as cpu_weight_bytes  # noqa: E402
 from llama.cpu_malloc import keep_freed_memory  # noqa: E402
 from llama.random_weights import write_random_safetensors  # noqa: E402
@@ -158,9 +159,31 @@ def run_child(cfg: ForwardBenchConfig) -> dict[str, float]:
         decode_s = time.perf_counter() - t0
         peak_gb = _status_kb("VmHWM") / 2**20
         gemm_s, total_s = profile_prefill(lambda: prefill(prompt))
+    args = read_checkpoint(Path(cfg.folder)).args  # the shapes, read from config.json (no tensor is read)
+    mm_gflops = matmul_gflops(cfg.prompt, args.dim, args.ffn_hidden_dim, dtype)
+    layers = args.n_layers
+    per_layer = args.dim * (2 * args.n_heads + 2 * args.n_kv_heads) * args.head_dim + 3 * args.dim * args.ffn_hidden_dim
+    kv = 2 * args.dim * args.n_kv_heads * args.head_dim
+    # linear-layer FLOPs of one prefill: ours skips the final layer's q, o and FFN except at the last position
+    full = layers - 1 if cfg.child == "ours" else layers
+    flops = 2 * cfg.prompt * (full * per_layer + (kv if cfg.child == "ours" else 0)) \
+        + 2 * (layers - full) * (per_layer - kv) + 2 * args.dim * args.vocab_size
     return {"load_s": load_s, "load_peak_gb": (load_mem.peak - anon0) / 2**20, "weights_gb": weight_bytes / 2**30,
             "prefill_s": prefill_s, "decode_tok_s": cfg.new_tokens / decode_s, "run_peak_gb": peak_gb,
-            "prefill_gemm_s": gemm_s, "prefill_profiled_s": total_s}
+            "prefill_gemm_s": gemm_s, "prefill_profiled_s": total_s, "gemm_gflops": flops / gemm_s / 1e9,
+            "matmul_gflops": mm_gflops}
+
+
+def matmul_gflops(rows: int, dim: int, hidden: int, dtype: torch.dtype) -> float:
+    """A plain torch.mm of the prompt's rows by an FFN-sized matrix: what this CPU's GEMM does in `dtype`."""
+    x, w = torch.randn(rows, dim).to(dtype), torch.randn(dim, hidden).to(dtype)
+    torch.mm(x, w)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        torch.mm(x, w)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * rows * dim * hidden / best / 1e9
 
 
 GEMM_OPS = {"mkldnn::_linear_pointwise", "aten::mm", "aten::addmm"}  # the linear layers (attention uses bmm/SDPA)
@@ -238,7 +261,8 @@ def print_table(results: dict[str, dict[str, dict[str, float]]], file_gb: float,
               f"{o['load_peak_gb'] / o['weights_gb']:.2f} (goal <= 1.10)")
         print(f"{dtype:9} prefill profile (one more run each): linear-layer GEMMs ours {o['prefill_gemm_s']:.2f}s of "
               f"{o['prefill_profiled_s']:.2f}s, HF {h['prefill_gemm_s']:.2f}s of {h['prefill_profiled_s']:.2f}s; "
-              f"our GEMMs alone are {o['prefill_gemm_s'] / h['prefill_s']:.2f}x HF's whole prefill")
+              f"our GEMMs alone are {o['prefill_gemm_s'] / h['prefill_s']:.2f}x HF's whole prefill; GEMM GFLOP/s ours "
+              f"{o['gemm_gflops']:.0f}, HF {h['gemm_gflops']:.0f}, a plain torch.mm {o['matmul_gflops']:.0f}")
 
 
 if __name__ == "__main__":

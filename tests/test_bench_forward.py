@@ -35,3 +35,4 @@ def test_forward_bench_runs_and_compares_like_with_like(tmp_path: Path) -> None:
     assert ours["weights_gb"] == pytest.approx(hf["weights_gb"], rel=1e-9)  # packed weights counted, tied once
     for m in (ours, hf):
         assert m["prefill_s"] > 0 and m["decode_tok_s"] > 0 and 0 < m["prefill_gemm_s"] <= m["prefill_profiled_s"]
+        assert m["gemm_gflops"] > 0 and m["matmul_gflops"] > 0
