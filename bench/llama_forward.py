@@ -124,8 +124,7 @@ def run_child(cfg: ForwardBenchConfig) -> dict[str, float]:
         else:
             model = LlamaForCausalLM.from_pretrained(cfg.folder, dtype=dtype, attn_implementation="sdpa").eval()
     load_s = time.perf_counter() - t0
-    weight_bytes = cpu_weight_bytes(model) if cfg.child == "ours" else \
-        sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes = cpu_weight_bytes(model)  # packed weights included; a tied matrix once (HF's too)
     vocab = model.config.vocab_size if cfg.child == "hf" else model.args.vocab_size
     prompt = torch.randint(0, vocab, (1, cfg.prompt), generator=torch.Generator().manual_seed(0))
 

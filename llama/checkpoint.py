@@ -18,8 +18,8 @@ from torch import nn
 
 from llama.cli import UserError
 from llama.checkpoint_files import read_checkpoint
-from llama.cpu_malloc import keep_freed_memory
 from llama.cpu_linear import PackedLinear, onednn_available, pack_for_cpu
+from llama.cpu_malloc import keep_freed_memory
 from llama.model import Transformer
 
 

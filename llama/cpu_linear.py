@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-
 def onednn_available() -> bool:
     """oneDNN linear present in this torch build (CPU wheels have it) and not switched off by LLAMA_CPU_PACK=0."""
     if os.environ.get("LLAMA_CPU_PACK", "1").strip() == "0":
