@@ -29,10 +29,10 @@ import torch  # noqa: E402
 
 import llama  # noqa: E402
 from llama.cli import parse_config  # noqa: E402
-from sae.capture import CaptureConfig, default_point, run_capture  # noqa: E402
-from sae.inputs import iter_documents  # noqa: E402
-from sae.packing import PackSpec, plan_batches  # noqa: E402
-from sae.store import open_store  # noqa: E402
+from sae.activations.capture import CaptureConfig, default_point, run_capture  # noqa: E402
+from sae.activations.inputs import iter_documents  # noqa: E402
+from sae.activations.packing import PackSpec, plan_batches  # noqa: E402
+from sae.activations.store import open_store  # noqa: E402
 
 
 @dataclass
@@ -59,7 +59,7 @@ class BenchConfig:
 
 def corpus(n: int, folder: Path) -> tuple[Path, Path]:
     """CPython documentation text (ships with Python) and a SentencePiece tokenizer: the tiny model's, else trained."""
-    from llama.corpus import build_corpus, train_sentencepiece
+    from llama.tiny.corpus import build_corpus, train_sentencepiece
     docs = build_corpus().train[:n]
     text = folder / "docs.txt"
     text.write_text("\n".join(docs) + "\n")
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
 def synthetic_store(path: Path, d: int, n: int):
     """n random bf16 rows of width d (documents of 50 rows) written by the capture's own ShardWriter."""
     import numpy as np
-    from sae.store_writer import ShardRows, ShardWriter, write_manifest
+    from sae.activations.store_writer import ShardRows, ShardWriter, write_manifest
     w, rng = ShardWriter(path, 0, ["x"], d, 16384), np.random.default_rng(0)
     for i in range(0, n, 8192):
         m = min(8192, n - i)

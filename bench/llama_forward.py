@@ -9,7 +9,7 @@ does; best of `prefills` runs, each from an empty cache), then greedy decode of 
 library's KV cache (ours: static cache; HF: its default DynamicCache), and the peak RSS (all resident pages, weights
 included) of prefill + decode. One more prefill is then profiled: the time in the linear layers' GEMMs vs all ops.
 
-Both children first raise glibc's malloc thresholds (llama/cpu_malloc.py; our load_model does it anyway). Without
+Both children first raise glibc's malloc thresholds (llama/cpu/malloc.py; our load_model does it anyway). Without
 that, HF's prefill pays ~120k page faults (~10% of its time) re-mapping freed activations, and the ratio would
 credit us with an allocator setting rather than the model code.
 
@@ -38,9 +38,9 @@ import torch  # noqa: E402
 import llama  # noqa: E402
 from llama.cli import UserError, atomic_write_json, config_to_dict, parse_config, run_main  # noqa: E402
 from llama.checkpoint_files import read_checkpoint  # noqa: E402
-from llama.cpu_linear import weight_bytes as cpu_weight_bytes  # noqa: E402
-from llama.cpu_malloc import keep_freed_memory  # noqa: E402
-from llama.random_weights import write_random_safetensors  # noqa: E402
+from llama.cpu.linear import weight_bytes as cpu_weight_bytes  # noqa: E402
+from llama.cpu.malloc import keep_freed_memory  # noqa: E402
+from llama.tiny.random_weights import write_random_safetensors  # noqa: E402
 
 
 @dataclass

@@ -45,7 +45,7 @@ class SteeringBenchConfig:
 def quick_sae(cfg: SteeringBenchConfig, model: torch.nn.Module, tok, text: Path, out: Path) -> Path:
     """Capture activations of the documents at the hook and train a TopK SAE on them with sae.train."""
     from sae.formats import save
-    from sae.source import TensorSource
+    from sae.activations.source import TensorSource
     from sae.train import TrainConfig, train
     hook = cfg.hook or f"blocks.{model.args.n_layers // 2}.hook_resid_post"
     docs = [tok.encode(ln, bos=True, eos=False)[:256] for ln in text.read_text(encoding="utf-8").splitlines() if ln.strip()]
@@ -66,7 +66,7 @@ def quick_sae(cfg: SteeringBenchConfig, model: torch.nn.Module, tok, text: Path,
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(SteeringBenchConfig, argv, description=__doc__)
     from sae.formats import load
-    from sae.steer_check import measure_steering, pick_target
+    from sae.steering.check import measure_steering, pick_target
     from llama.checkpoint import load_model
     from llama.tokenizer import Tokenizer
     torch.set_num_threads(cfg.threads)

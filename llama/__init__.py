@@ -1,7 +1,16 @@
-"""llama: Llama 3.x from scratch (model, loading, tokenizer, generation) with a native residual-stream API."""
+"""llama: Llama 3.x from scratch, with a native residual-stream API (capture and edit points).
+
+What lives here is the model a student reads: `config.py` (ModelArgs, presets), `rope.py` (rotary embeddings and
+Llama 3's frequency scaling), `model.py` (RMSNorm, grouped-query attention with a KV cache, SwiGLU, the
+Transformer), `checkpoint.py` + `checkpoint_files.py` (loading Meta, HF and GGUF checkpoints), `tokenizer.py` and
+`chat.py` (tiktoken / SentencePiece / GGUF BPE tokenizers and chat formats), `generate.py` (sampling, streaming)
+and `cli.py` (shared script helpers: dataclass flags, atomic writes, UserError). Two subfolders keep the rest out of
+the way: `cpu/` (CPU inference fast paths behind one narrow seam) and `tiny/` (the embedded tiny model's corpus and
+training recipe, and the random-weight writer). Nothing here imports `sae`.
+"""
 from llama.cli import UserError
 from llama.config import PRESETS, ModelArgs
-from llama.cpu_linear import pack_for_cpu, unpack_for_cpu
+from llama.cpu import pack_for_cpu, unpack_for_cpu
 from llama.model import ForwardOutput, Transformer
 
 __all__ = ["ModelArgs", "PRESETS", "Transformer", "ForwardOutput", "UserError", "pack_for_cpu", "unpack_for_cpu"]

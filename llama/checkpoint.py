@@ -7,7 +7,7 @@ which detects the layout and streams the tensors under our names.
 
 The model is built on the meta device (no memory), each tensor is converted once to the wanted dtype/device, and
 `load_state_dict(assign=True)` makes those tensors the parameters: the weights are never held twice. On CPU the
-linear layers are then put in their oneDNN form (llama/cpu_linear.py; bf16 weights packed as they stream in).
+linear layers are then put in their oneDNN form (llama/cpu/linear.py; bf16 weights packed as they stream in).
 """
 from __future__ import annotations
 
@@ -18,8 +18,7 @@ from torch import nn
 
 from llama.cli import UserError
 from llama.checkpoint_files import read_checkpoint
-from llama.cpu_linear import PackedLinear, onednn_available, pack_for_cpu
-from llama.cpu_malloc import keep_freed_memory
+from llama.cpu import PackedLinear, keep_freed_memory, onednn_available, pack_for_cpu
 from llama.model import Transformer
 
 
@@ -28,10 +27,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     """Load a Meta- or HF-layout folder (detected) as a Transformer in eval mode on `device` with `dtype`.
 
     pack: on CPU (bf16 or fp32, oneDNN present, LLAMA_CPU_PACK not 0) run the linear layers through oneDNN, bf16
-    weights packed into its layout as they stream in, for faster inference (llama/cpu_linear.py). Packed weights
+    weights packed into its layout as they stream in, for faster inference (llama/cpu/linear.py). Packed weights
     are copies, so the other bf16 weights are copied out of the mapped file too: no file page stays resident
     beside its copy, and loading needs about the weights' size in RAM.
-    On CPU, glibc's malloc is also told to keep freed activation buffers (llama/cpu_malloc.py)."""
+    On CPU, glibc's malloc is also told to keep freed activation buffers (llama/cpu/malloc.py)."""
     device, dtype = _device(device), _dtype(dtype)
     pack = pack and device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and onednn_available()
     packing = pack and dtype == torch.bfloat16  # bf16 linear weights are packed (copied) as they stream in
@@ -78,6 +77,23 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     if pack:
         pack_for_cpu(model)  # the fp32 linears and a tied output: oneDNN on the dense weight
     return model.eval()
+
+
+def model_name(path: str | Path) -> str:
+    """A shareable name for a checkpoint: a GGUF file's `general.name`, else the folder's (or file's) name.
+
+    SAE files and manifests record this name (a path is only meaningful on the machine that wrote it)."""
+    p = Path(str(path))
+    if p.suffix == ".gguf" and p.is_file():
+        try:
+            from gguf import GGUFReader
+            field = GGUFReader(p).fields.get("general.name")
+            if field is not None:
+                return bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
+        except Exception:  # noqa: BLE001  (an unreadable file is reported by load_model, not here)
+            pass
+        return p.stem
+    return p.resolve().name if str(path) else ""
 
 
 def _dtype(dtype: torch.dtype | str) -> torch.dtype:

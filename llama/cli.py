@@ -29,6 +29,32 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
+REPO = Path(__file__).resolve().parents[1]  # the checkout: repo-relative defaults (weights/tiny) resolve here
+
+
+class _LineWriter:
+    """A progress bar's stream when stderr is not a terminal: each refresh becomes one plain line (no \\r)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, s: str) -> None:
+        s = s.replace("\r", "").rstrip()
+        if s:
+            self.stream.write(s + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress_bar(iterable: Any = None, **kw: Any) -> Any:
+    """tqdm on a terminal; elsewhere (CI logs, output piped to a file) a plain line at most every 30 s."""
+    from tqdm import tqdm
+    stream = kw.pop("file", None) or sys.stderr
+    if not (hasattr(stream, "isatty") and stream.isatty()):
+        kw.update(file=_LineWriter(stream), mininterval=max(float(kw.get("mininterval", 0.1)), 30.0),
+                  maxinterval=max(float(kw.get("maxinterval", 10.0)), 60.0), dynamic_ncols=False)
+    return tqdm(iterable, **kw)
 
 
 class UserError(Exception):

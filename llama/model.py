@@ -25,7 +25,7 @@ from torch import nn
 
 from llama.cli import UserError
 from llama.config import ModelArgs
-from llama.cpu_attention import causal_attention
+from llama.cpu import causal_attention  # the one CPU fast path (llama/cpu/)
 from llama.rope import apply_rope, rope_tables
 
 Hook = Callable[[str, torch.Tensor], torch.Tensor]  # (point name within a block, tensor) -> tensor

@@ -155,7 +155,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     metrics: dict[str, Any] = {"sae": cfg.sae, "hook_name": sae.cfg.hook_name, "n_latents": sae.cfg.n_latents,
                                "k": sae.cfg.k}
     if cfg.store:
-        from sae.store import open_store
+        from sae.activations.store import open_store
         point = sae.cfg.hook_name or None
         store = open_store(cfg.store)
         points = store.manifest.get("points") or []
@@ -163,7 +163,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
                                           point=point if point in points else None))
     if cfg.text:
         import llama
-        from sae.inputs import expand_inputs, iter_documents
+        from sae.activations.inputs import expand_inputs, iter_documents
         model_dir = cfg.model or sae.cfg.model
         if not model_dir or not Path(model_dir).exists():
             raise UserError(f"--model {model_dir!r}: no such model folder (needed for the LM metrics)")

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save as st_save
 
+from llama.checkpoint import model_name
 from llama.cli import UserError, atomic_write_bytes, atomic_write_json
 from sae.config import SAEConfig
 from sae.model import SAE
@@ -37,12 +38,13 @@ def save(sae: SAE, out_dir: str | Path, extra: dict[str, Any] | None = None) -> 
     tensors = {"W_enc": w["W_enc"].T.contiguous(), "b_enc": w["b_enc"], "W_dec": w["W_dec"].contiguous(), "b_dec": w["b_dec"]}
     if c.architecture == "batchtopk":
         tensors["threshold"] = sae.threshold.detach().float().clone()
+    name = model_name(c.model) if c.model else ""  # shareable; the local path stays in llama_sae.model
     cfg = {
         "architecture": SAELENS_ARCH[c.architecture], "d_in": c.d_in, "d_sae": c.n_latents, "dtype": "float32",
         "device": "cpu", "apply_b_dec_to_input": True,
         "normalize_activations": "layer_norm" if c.normalize == "token" else "none",
-        "reshape_activations": "none", "hook_name": c.hook_name, "model_name": c.model,
-        "metadata": {"model_name": c.model, "hook_name": c.hook_name, "hook_head_index": None, "prepend_bos": True},
+        "reshape_activations": "none", "hook_name": c.hook_name, "model_name": name,
+        "metadata": {"model_name": name, "hook_name": c.hook_name, "hook_head_index": None, "prepend_bos": True},
         "llama_sae": {**c.__dict__, "norm_scale": float(sae.norm_scale), **(extra or {})},
     }
     if c.architecture == "topk":

@@ -47,10 +47,10 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     from sae.analysis.dashboard import DashboardConfig, build_dashboard
     from sae.analysis.run import run_top_contexts
     from sae.analysis.top_contexts import TopContextsConfig
-    from sae.capture import CaptureConfig, run_capture
+    from sae.activations.capture import CaptureConfig, run_capture
     from sae.config import TrainConfig
     from sae.evaluate import EvalConfig, format_table, run_evaluation
-    from sae.source import open_source
+    from sae.activations.source import open_source
     from sae.train import train
 
     t0 = time.time()

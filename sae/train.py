@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import torch
-from tqdm import tqdm
 
-from llama.cli import UserError, atomic_write_bytes, save_config
+from llama.cli import UserError, atomic_write_bytes, progress_bar, save_config
 from sae import dist
 from sae.config import SAEConfig, TrainConfig
 from sae.formats import save as save_sae
@@ -208,7 +207,7 @@ class Trainer:
         it = self.source.batches(self.per_rank, split="train", seed=cfg.seed, rank=self.info.rank,
                                  world_size=self.info.world_size, device=self.info.device, start_batch=self.step,
                                  point=cfg.point or None)
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (main and cfg.progress), desc="sae", unit="step")
+        bar = progress_bar(total=cfg.steps, initial=self.step, disable=not (main and cfg.progress), desc="sae", unit="step")
         metrics: dict[str, float] = {}
         t0, tok0 = time.perf_counter(), self.step
         while self.step < cfg.steps:

@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llama.cli import parse_config, run_main  # noqa: E402
-from sae.capture import CaptureConfig, run_capture  # noqa: E402
+from sae.activations.capture import CaptureConfig, run_capture  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

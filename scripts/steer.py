@@ -44,7 +44,7 @@ class SteerConfig:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(SteerConfig, argv, description=__doc__)
-    from sae.steer import encode_prompts, label_of, load_steering, parse_steer, steered_stream
+    from sae.steering.steer import encode_prompts, label_of, load_steering, parse_steer, steered_stream
     if not cfg.sae:
         raise UserError("--sae: give the SAE folder to steer with")
     if not cfg.prompt:

@@ -30,8 +30,8 @@ class SteerUIConfig:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(SteerUIConfig, argv, description=__doc__)
-    from sae.steer import load_steering
-    from sae.steer_ui import SteerServer
+    from sae.steering.steer import load_steering
+    from sae.steering.ui import SteerServer
     if not cfg.sae:
         raise UserError("--sae: give the SAE folder to steer with")
     if not 0 <= cfg.port < 65536 or cfg.max_new_tokens < 1:

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llama.cli import parse_config, run_main  # noqa: E402
 from sae import dist  # noqa: E402
 from sae.config import TrainConfig  # noqa: E402
-from sae.source import open_source  # noqa: E402
+from sae.activations.source import open_source  # noqa: E402
 from sae.train import train  # noqa: E402
 
 

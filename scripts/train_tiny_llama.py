@@ -3,7 +3,7 @@
     python scripts/train_tiny_llama.py                     # the committed model: ~15 min on one CPU thread
     python scripts/train_tiny_llama.py --out /tmp/t --steps 20 --dim 64 --n-layers 2   # a quick smoke run
 
-Every flag is a field of llama.train_lm.TrainConfig. Deterministic for a given corpus, config and torch build.
+Every flag is a field of llama.tiny.train.TrainConfig. Deterministic for a given corpus, config and torch build.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llama.cli import parse_config, run_main  # noqa: E402
-from llama.train_lm import TrainConfig, train  # noqa: E402
+from llama.tiny.train import TrainConfig, train  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,10 +18,10 @@ import torch
 
 import llama
 from llama.cli import UserError
-from sae import store_format as fmt
-from sae.capture import CaptureConfig, run_capture
-from sae.sentences import split_sentences
-from sae.store import open_store
+from sae.activations import store_format as fmt
+from sae.activations.capture import CaptureConfig, run_capture
+from sae.activations.sentences import split_sentences
+from sae.activations.store import open_store
 from tests._capture_fixtures import make_model_dir, store_files, write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,7 +130,7 @@ import os, runpy, sys, time, torch
 torch.set_num_threads(1)
 sys.path.insert(0, {repo!r})
 if os.environ.get("THROTTLE") == "1":  # slow it down so the test can kill it mid-run; values are unchanged
-    import llama.model as m, sae.store_writer as w
+    import llama.model as m, sae.activations.store_writer as w
     commit, forward = w.ShardWriter._commit, m.Transformer.forward
     w.ShardWriter._commit = lambda self: (commit(self), time.sleep(0.03))[0]
     m.Transformer.forward = lambda self, *a, **k: (time.sleep(0.03), forward(self, *a, **k))[1]

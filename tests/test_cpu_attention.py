@@ -1,4 +1,4 @@
-"""llama/cpu_attention.py against SDPA in float64 (an independent computation of the same attention)."""
+"""llama/cpu/attention.py against SDPA in float64 (an independent computation of the same attention)."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import llama
-from llama.cpu_attention import causal_attention
+from llama.cpu.attention import causal_attention
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

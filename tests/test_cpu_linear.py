@@ -1,4 +1,4 @@
-"""llama/cpu_linear.py: oneDNN linear layers on CPU (bf16 packed, fp32 dense) against F.linear and nn.Linear models."""
+"""llama/cpu/linear.py: oneDNN linear layers on CPU (bf16 packed, fp32 dense) against F.linear and nn.Linear models."""
 from __future__ import annotations
 
 import gc
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import llama
-from llama.cpu_linear import OneDNNLinear, PackedLinear, onednn_available, weight_bytes
+from llama.cpu.linear import OneDNNLinear, PackedLinear, onednn_available, weight_bytes
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN (mkldnn) linear")
 

@@ -17,7 +17,7 @@ import torch
 
 import llama
 import llama.checkpoint_files as ckpt
-from llama.random_weights import write_random_safetensors
+from llama.tiny.random_weights import write_random_safetensors
 
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402

@@ -40,7 +40,9 @@ def test_saelens_folder_round_trip_and_formula(tmp_path: Path) -> None:
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     assert (cfg["architecture"], cfg["d_in"], cfg["d_sae"], cfg["k"]) == ("topk", 12, 40, 3)
     assert cfg["hook_name"] == cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
-    assert cfg["model_name"] == "weights/tiny" and cfg["normalize_activations"] == "none"
+    assert cfg["normalize_activations"] == "none"
+    # shared files name the model, never a path of the machine that trained them; the local path stays for tools
+    assert cfg["model_name"] == cfg["metadata"]["model_name"] == "tiny" and cfg["llama_sae"]["model"] == "weights/tiny"
     assert cfg["llama_sae"]["norm_scale"] == pytest.approx(0.05)
     t = load_file(str(tmp_path / "sae_weights.safetensors"))
     assert t["W_enc"].shape == (12, 40) and t["W_dec"].shape == (40, 12)

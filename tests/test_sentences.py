@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from sae.sentences import split_sentences
+from sae.activations.sentences import split_sentences
 
 CASES = [
     ("Hello world. How are you? I am fine!", ["Hello world.", "How are you?", "I am fine!"]),

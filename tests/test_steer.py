@@ -11,7 +11,7 @@ from llama import ModelArgs, Transformer
 from llama.cli import UserError
 from sae.config import SAEConfig
 from sae.model import SAE
-from sae.steer import SAESplice, Steer, find_latents, parse_steer, steered_stream, top_active
+from sae.steering.steer import SAESplice, Steer, find_latents, parse_steer, steered_stream, top_active
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -179,8 +179,8 @@ def test_steered_stream_side_by_side_matches_plain_generation(setup):
 # ---- the web UI's server (HTTP level; the page itself is tested in a browser in test_browser.py) -------------
 def start_server(model, sae, labels=None):
     import threading
-    from sae.steer import Steering
-    from sae.steer_ui import SteerServer
+    from sae.steering.steer import Steering
+    from sae.steering.ui import SteerServer
     server = SteerServer(Steering(model, CharTokenizer(), sae, labels or {}), port=0, max_new_tokens=32)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
@@ -248,7 +248,7 @@ def test_ui_server_streams_side_by_side_and_validates(setup):
     finally:
         server.shutdown()
         server.server_close()
-    from sae.steer_ui import SteerServer
+    from sae.steering.ui import SteerServer
     with pytest.raises(UserError, match="loopback"):
         SteerServer(None, host="0.0.0.0")
 
@@ -256,7 +256,7 @@ def test_ui_server_streams_side_by_side_and_validates(setup):
 # ---- measured steering check (bench/steering.py runs it on the embedded tiny model) ------------------------
 def test_steering_raises_the_promoted_tokens_frequency():
     from sae.analysis.latent_stats import logit_lens
-    from sae.steer_check import measure_steering, pick_target, sign_test
+    from sae.steering.check import measure_steering, pick_target, sign_test
     model = tiny_model(1)
     sae = tiny_sae(seed=2)
     sae.cfg.hook_name = "blocks.2.hook_resid_post"

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from llama.cli import UserError
-from sae import store_format as fmt
-from sae.store import ActivationStore, open_store
-from sae.store_writer import BackgroundWriter, ShardRows, ShardWriter, write_manifest
+from sae.activations import store_format as fmt
+from sae.activations.store import ActivationStore, open_store
+from sae.activations.store_writer import BackgroundWriter, ShardRows, ShardWriter, write_manifest
 
 D, POINT = 16, "blocks.0.hook_resid_post"
 

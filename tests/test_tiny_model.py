@@ -151,7 +151,7 @@ def test_samples_look_like_the_corpus(model: Transformer, tok: llama.Tokenizer, 
 
 def test_train_info_matches_the_files(info: dict, model: Transformer, tok: llama.Tokenizer,
                                       heldout: list[str]) -> None:
-    from llama.train_lm import eval_windows, weights_sha256
+    from llama.tiny.train import eval_windows, weights_sha256
 
     corpus = info["corpus"]
     assert sha256_file(TINY / "heldout.txt") == corpus["heldout_sha256"]
@@ -184,7 +184,7 @@ def recorded_python() -> str | None:
 def test_corpus_is_rebuilt_identically_on_this_python(info: dict, heldout: list[str]) -> None:
     import sentencepiece as spm
 
-    from llama.corpus import build_corpus
+    from llama.tiny.corpus import build_corpus
 
     corpus = build_corpus()
     assert corpus.info["sha256"] == info["corpus"]["sha256"]
@@ -194,7 +194,7 @@ def test_corpus_is_rebuilt_identically_on_this_python(info: dict, heldout: list[
     sp = spm.SentencePieceProcessor(model_file=str(TINY / "tokenizer.model"))
     train = [t for ids in sp.encode(corpus.train) for t in (sp.bos_id(), *ids, sp.eos_id())]
     assert len(train) == info["tokens"]["train"]
-    from llama.train_lm import eval_windows
+    from llama.tiny.train import eval_windows
 
     val = [t for ids in sp.encode(heldout) for t in (sp.bos_id(), *ids, sp.eos_id())]
     cfg = info["config"]
@@ -248,7 +248,7 @@ def test_bad_corpus_is_one_clear_error(tmp_path: Path) -> None:
 
 
 def test_lr_schedule_warmup_then_cosine() -> None:
-    from llama.train_lm import TrainConfig, lr_at
+    from llama.tiny.train import TrainConfig, lr_at
 
     cfg = TrainConfig(lr=1e-3, warmup=10, steps=110, min_lr_ratio=0.1)
     assert lr_at(0, cfg) == pytest.approx(1e-4) and lr_at(9, cfg) == pytest.approx(1e-3)

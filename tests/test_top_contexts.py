@@ -41,7 +41,7 @@ class FakeSAE:
 
 
 class FakeStore:
-    """Rows of consecutive documents; each starts with BOS. Same read API as sae.store (rows, meta, len)."""
+    """Rows of consecutive documents; each starts with BOS. Same read API as sae.activations.store (rows, meta, len)."""
 
     def __init__(self, n_docs: int, d: int, seed: int = 0, min_len: int = 2, max_len: int = 20):
         rng = np.random.default_rng(seed)
@@ -248,7 +248,7 @@ def test_end_to_end_real_store_and_sae(tmp_path: Path) -> None:
     pytest.importorskip("sentencepiece")
     import llama
     import sae
-    from sae.capture import CaptureConfig, run_capture
+    from sae.activations.capture import CaptureConfig, run_capture
     sys.path.insert(0, str(Path(__file__).parent))
     from _capture_fixtures import make_model_dir, write_corpus
 

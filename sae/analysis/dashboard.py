@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
-from llama.cli import UserError, atomic_write_bytes, save_config
+from llama.cli import UserError, atomic_write_bytes, progress_bar, save_config
 from sae.analysis.charts import bar_chart, fmt, line_chart
 
 ASSETS = Path(__file__).with_name("dashboard_assets")
@@ -229,7 +228,7 @@ def build_dashboard(cfg: DashboardConfig) -> Path:
         shutil.copyfile(f, out / "assets" / f.name)
     n = tc.n_latents if cfg.max_latents == 0 else min(cfg.max_latents, tc.n_latents)
     rows = []
-    for l in tqdm(range(n), desc="dashboard pages", disable=not cfg.progress):
+    for l in progress_bar(range(n), desc="dashboard pages", disable=not cfg.progress):
         rec = tc.latent(l)
         atomic_write_bytes(out / "latents" / f"{l}.html", latent_page(rec, labels.get(l), n, cfg.contexts).encode())
         rows.append(index_row(rec, labels.get(l)))

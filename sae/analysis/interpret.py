@@ -8,9 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
-from llama.cli import UserError, atomic_write_json
+from llama.cli import UserError, atomic_write_json, progress_bar
 from sae.analysis.backends import (
     BACKENDS, AnthropicBackend, AnthropicBatchBackend, Backend, DryRunBackend, LlamaBackend, OpenAIBackend, Request,
 )
@@ -185,7 +183,7 @@ def run_interpret(cfg: InterpretConfig, tc: Any, backend: Backend, out_dir: Path
     dry = isinstance(backend, DryRunBackend)
     unscored = [] if (dry or not cfg.score) else [lat for lat in wanted if str(lat) in table["latents"]
                                                   and table["latents"][str(lat)].get("detection_score") is None]
-    bar = tqdm(total=len(todo) + len(unscored), unit="latent", desc=f"interpret ({backend.name})",
+    bar = progress_bar(total=len(todo) + len(unscored), unit="latent", desc=f"interpret ({backend.name})",
                disable=not cfg.progress)
     for i in range(0, len(todo), cfg.save_every):
         chunk = todo[i:i + cfg.save_every]

@@ -44,7 +44,7 @@ def run_top_contexts(cfg: TopContextsConfig) -> Path:
     store = None
     model_dir = cfg.model
     if cfg.store:
-        from sae.store import open_store
+        from sae.activations.store import open_store
         store = open_store(cfg.store)
         model_dir = model_dir or str(store.manifest.get("model", ""))
         point = cfg.point or (hook if hook in getattr(store, "points", []) else None)

@@ -16,8 +16,8 @@ from typing import Any, Iterable, NamedTuple
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
+from llama.cli import progress_bar
 from sae.analysis.latent_stats import LatentStats
 from sae.analysis.sources import Chunk
 from sae.analysis.topn import RunningTopN
@@ -68,7 +68,7 @@ class Scanner:
 
     def run(self, chunks: Iterable[Chunk], total_rows: int | None = None, progress: bool = True) -> ScanResult:
         carry: Chunk | None = None
-        bar = tqdm(total=total_rows, unit="tok", desc="top contexts", disable=not progress, mininterval=1.0)
+        bar = progress_bar(total=total_rows, unit="tok", desc="top contexts", disable=not progress, mininterval=1.0)
         for chunk in chunks:
             bar.update(len(chunk.token_id))
             carry = self._process(_cat(carry, chunk) if carry is not None else chunk, final=False)

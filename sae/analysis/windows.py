@@ -10,8 +10,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from llama.cli import progress_bar
 from sae.analysis.topn import RunningTopN
 
 
@@ -72,7 +72,7 @@ def fill_windows(source: Any, sae: Any, tops: dict[str, RunningTopN], ref: np.nd
     plans = {a: plan_windows(t, a, compact, ctx_len, window) for a, t in tops.items()}
     tokens: list[np.ndarray] = []
     r_row0, r_len = ctx_row0[ref], ctx_len[ref]
-    bar = tqdm(total=int(r_len.sum()), unit="tok", desc="windows", disable=not progress, mininterval=1.0)
+    bar = progress_bar(total=int(r_len.sum()), unit="tok", desc="windows", disable=not progress, mininterval=1.0)
     c0 = 0
     while c0 < len(ref):
         c1 = c0 + 1  # a batch of whole contexts, at most batch_rows tokens (or one long context)

@@ -1,7 +1,7 @@
 """A small local web UI for steering: type a prompt, pick latents and strengths, watch the steered and the unsteered
 completion stream side by side. Standard library only (http.server), bound to 127.0.0.1.
 
-    GET  /                  the page (sae/steer_ui.html)
+    GET  /                  the page (sae/steering/ui.html)
     GET  /api/info          {"n_latents", "hook_name", "limits"}
     GET  /api/latents?q=... latents whose label matches q (or the latent with that number): [{"latent", "label"}]
     POST /api/generate      JSON request (validated, see `parse_request`) -> chunked NDJSON stream, one line per
@@ -24,9 +24,9 @@ from typing import Any, NamedTuple
 from urllib.parse import parse_qs, urlparse
 
 from llama.cli import UserError
-from sae.steer import Steer, Steering, encode_prompts, find_latents, label_of, steered_stream
+from sae.steering.steer import Steer, Steering, encode_prompts, find_latents, label_of, steered_stream
 
-PAGE = Path(__file__).with_name("steer_ui.html")
+PAGE = Path(__file__).with_name("ui.html")
 LIMITS = {"prompt_chars": 4000, "steers": 8, "max_new_tokens": 256, "strength": 1000.0, "temperature": 2.0,
           "seed": 2**31 - 1, "body_bytes": 65536, "record": 5}
 

@@ -17,7 +17,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 import torch
 
 from llama.cli import UserError
-from sae.steer import Steer, steered_stream
+from sae.steering.steer import Steer, steered_stream
 
 
 class Target(NamedTuple):

@@ -22,7 +22,7 @@ from typing import Iterable, Iterator, NamedTuple, TypeVar
 import numpy as np
 import torch
 
-from sae.sentences import split_sentences
+from sae.activations.sentences import split_sentences
 
 T = TypeVar("T")
 

@@ -1,5 +1,5 @@
 """Writing an activation store: fixed-size shards committed atomically, through a bounded queue on a background
-thread, and the manifest that describes all shards of all ranks (layout: sae/store_format.py).
+thread, and the manifest that describes all shards of all ranks (layout: sae/activations/store_format.py).
 
     writer = BackgroundWriter(ShardWriter(store, rank, points, d_model, shard_rows, resume=committed), max_queue=8)
     writer.put(ShardRows(acts={point: bits [n, D] uint16}, token_id=..., doc_id=..., ctx=..., pos=...))
@@ -17,8 +17,8 @@ from typing import NamedTuple
 import numpy as np
 
 from llama.cli import UserError, atomic_write_json
-from sae import store_format as fmt
-from sae.store_format import META_FIELDS, Moments
+from sae.activations import store_format as fmt
+from sae.activations.store_format import META_FIELDS, Moments
 
 
 class ShardRows(NamedTuple):

@@ -1,6 +1,6 @@
 """TensorSource: the activation store's reading interface over an in-memory tensor (synthetic data, tests).
 
-Batching contract shared with `sae.store.ActivationStore.batches` (docs/INTERFACES.md): rows of a split are put
+Batching contract shared with `sae.activations.store.ActivationStore.batches` (docs/INTERFACES.md): rows of a split are put
 in one seeded order per epoch; GLOBAL batch i is the rows [i*B*W, (i+1)*B*W) of that order (B = per-rank
 batch_size, W = world_size) and rank r takes its r-th slice of B rows. So W ranks at batch B see exactly the rows
 one rank sees at batch W*B, and `start_batch=i` resumes at global batch i.
@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from llama.cli import UserError
+from sae.activations.store import open_store
 
 
 class TensorSource:
@@ -64,7 +65,7 @@ class TensorSource:
 
 
 def open_source(path: str) -> Any:
-    """--store: an activation store folder (sae.store) or a .pt file holding one [rows, d_model] tensor."""
+    """--store: an activation store folder (sae.activations.store) or a .pt file holding one [rows, d_model] tensor."""
     if not path:
         raise UserError("--store is required: an activation store folder or a .pt tensor file")
     p = Path(path)
@@ -78,5 +79,4 @@ def open_source(path: str) -> Any:
         return TensorSource(x.float())
     if not p.is_dir():
         raise UserError(f"--store {p}: no such activation store folder or .pt file")
-    from sae.store import open_store  # late: the store imports this module
     return open_store(p)

@@ -1,4 +1,4 @@
-"""Reading an activation store (written by scripts/capture.py; layout in sae/store_format.py).
+"""Reading an activation store (written by scripts/capture.py; layout in sae/activations/store_format.py).
 
     store = open_store("out/activations/tiny")
     store.d_model, len(store), store.num_rows("val"), store.manifest["mean_norm"]
@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from llama.cli import UserError
-from sae import store_format as fmt
-from sae.packing import prefetch as _prefetch
-from sae.store_writer import BackgroundWriter, ShardRows, ShardWriter, write_manifest  # noqa: F401  (re-export)
+from sae.activations import store_format as fmt
+from sae.activations.packing import prefetch as _prefetch
+from sae.activations.store_writer import BackgroundWriter, ShardRows, ShardWriter, write_manifest  # noqa: F401  (re-export)
 
 SPLITS = ("train", "val")
 
@@ -137,7 +137,7 @@ class ActivationStore:
                 loop: bool = True, point: str | None = None, prefetch: int = 2) -> Iterator[torch.Tensor]:
         """Shuffled batches [batch_size, d_model] of one split; deterministic given the arguments.
 
-        Same contract as sae.source.TensorSource: each epoch puts the split's rows in one seeded order; global
+        Same contract as source.TensorSource: each epoch puts the split's rows in one seeded order; global
         batch i is entries [i*B*W, (i+1)*B*W) of it and rank r takes the r-th B of those. So ranks are disjoint,
         W ranks at batch B see exactly what one rank sees at batch W*B, and start_batch=i resumes at global
         batch i. Rows beyond the last full global batch sit out that epoch. loop=False: one epoch, then stop.
@@ -182,9 +182,3 @@ def open_store(path: str | Path, val_fraction: float = 0.05, split_salt: int = 0
         raise UserError(f"{p} is not an activation store (no {fmt.MANIFEST}); write one with scripts/capture.py")
     return ActivationStore(p, val_fraction=val_fraction, split_salt=split_salt)
 
-
-def __getattr__(name: str):  # TensorSource lives in sae/source.py (the SAE code); re-exported lazily
-    if name == "TensorSource":
-        from sae.source import TensorSource
-        return TensorSource
-    raise AttributeError(f"module 'sae.store' has no attribute {name!r}")

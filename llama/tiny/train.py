@@ -24,12 +24,11 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from llama.cli import UserError, atomic_write_bytes, atomic_write_json, config_to_dict
+from llama.cli import UserError, atomic_write_bytes, atomic_write_json, config_to_dict, progress_bar
 from llama.config import ModelArgs
-from llama.corpus import build_corpus, corpus_from_file, token_stream, train_sentencepiece
 from llama.model import Transformer
+from llama.tiny.corpus import build_corpus, corpus_from_file, token_stream, train_sentencepiece
 
 
 @dataclass
@@ -178,7 +177,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # 3. the loop
     history: list[dict] = []
-    bar = tqdm(range(cfg.steps), desc="train", unit="step", dynamic_ncols=True)
+    bar = progress_bar(range(cfg.steps), desc="train", unit="step", dynamic_ncols=True)
     for step in bar:
         lr = lr_at(step, cfg)
         for group in opt.param_groups:

@@ -4,9 +4,9 @@
     manifest = run_capture(cfg)
 
 The pipeline on each rank: a loader thread reads and tokenizes documents and packs them into batches
-(sae/packing.py); the main thread runs the forward up to the deepest capture point only (stop_early) and keeps
+(sae/activations/packing.py); the main thread runs the forward up to the deepest capture point only (stop_early) and keeps
 the non-padding positions in bf16; a writer thread commits fixed-size shards behind a bounded queue
-(sae/store_writer.py). Rank 0 writes manifest.json once every rank is done.
+(sae/activations/store_writer.py). Rank 0 writes manifest.json once every rank is done.
 
 Resume, exactly: the batch stream is a pure function of the inputs and the config, and shard k of a rank holds
 rows [k*shard_rows, (k+1)*shard_rows) of that rank's row stream. A rerun reads which shards are committed, skips
@@ -26,16 +26,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from llama.cli import UserError, atomic_write_json, config_to_dict, save_config
-from sae import store_format as fmt
-from sae.inputs import count_documents, expand_inputs, file_fingerprint, iter_documents
-from sae.packing import PackSpec, plan_batches, prefetch
-from sae.store_writer import BackgroundWriter, ShardRows, ShardWriter, write_manifest
+from llama.cli import REPO, UserError, atomic_write_json, config_to_dict, progress_bar, save_config
+from sae.activations import store_format as fmt
+from sae.activations.inputs import count_documents, expand_inputs, file_fingerprint, iter_documents
+from sae.activations.packing import PackSpec, plan_batches, prefetch
+from sae.activations.store_writer import BackgroundWriter, ShardRows, ShardWriter, write_manifest
 
 DEFAULT_MODEL = "weights/tiny"
-REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -227,7 +225,7 @@ def _capture(cfg: CaptureConfig, model, tok, rank: int, world: int, device: torc
     spec = PackSpec(cfg.mode, cfg.ctx_len, cfg.bos, cfg.keep_bos, cfg.batch_tokens, cfg.max_batch, cfg.pack_contexts)
     docs = iter_documents(files, cfg.txt_docs, cfg.text_field)
     my_docs = len(range(rank, n_docs, world))
-    bar = tqdm(total=my_docs, unit="doc", disable=not cfg.progress or rank != 0, dynamic_ncols=True,
+    bar = progress_bar(total=my_docs, unit="doc", disable=not cfg.progress or rank != 0, dynamic_ncols=True,
                bar_format="{l_bar}{bar}| {n:.0f}/{total} docs [{elapsed}<{remaining}, {rate_fmt}{postfix}]",
                desc=f"capture {','.join(points)}" + (f" (rank 0 of {world})" if world > 1 else ""))
     t0, rows_new = time.perf_counter(), 0
