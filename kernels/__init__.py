@@ -2,12 +2,15 @@
 
     kernels.sparse_decode(top_acts [B,k], top_indices [B,k] long, W_dec [n,d]) -> [B,d]
     kernels.topk(x [B,n], k) -> TopK(values [B,k], indices [B,k])
+    kernels.decode_weight_grad(grad_out [B,d], top_acts [B,k], top_indices [B,k], n) -> [n,d]
 
 Backend per call (`kernels.backend(*tensors)` says which):
 - "reference" (`kernels/reference.py`, pure PyTorch) when LLAMA_SAE_KERNELS=reference, when triton is not
   installed, for float64, or for CPU tensors without the Triton interpreter;
 - "triton" on CUDA tensors, and on CPU tensors when TRITON_INTERPRET=1 (tests).
-LLAMA_SAE_KERNELS=triton forces Triton and raises if it cannot run. TRITON_INTERPRET=1 only works if it is set
+LLAMA_SAE_KERNELS=triton forces Triton and raises if it cannot run. Top-k is the exception: on the "triton" backend
+it still runs torch.topk unless LLAMA_SAE_TOPK=triton, until a GPU measures our kernel faster (bench/gpu.py times
+both; kernels/topk.py says why it is likely slower). TRITON_INTERPRET=1 only works if it is set
 before triton is imported (triton's own library is built in that mode at import); kernels imports triton when
 kernels itself is imported. Importing prints nothing and works without triton.
 """
@@ -84,20 +87,39 @@ def sparse_decode(top_acts: torch.Tensor, top_indices: torch.Tensor, W_dec: torc
     return reference.sparse_decode(top_acts, top_indices, W_dec)
 
 
+def decode_weight_grad(grad_out: torch.Tensor, top_acts: torch.Tensor, top_indices: torch.Tensor,
+                       n_latents: int) -> torch.Tensor:
+    """[n, d]: row i = sum over (b, j) with top_indices[b, j] == i of top_acts[b, j] * grad_out[b], in grad_out's
+    dtype; rows never selected are exactly zero. The W_dec gradient of sparse_decode, called directly (the
+    encoder's weight gradient is the same op with grad_out = its input)."""
+    reference.check_decode_args(top_acts, top_indices, grad_out)
+    if backend(grad_out, top_acts, top_indices) == "triton":
+        return _triton_decode.decode_backward_w(grad_out.contiguous(), top_acts.contiguous(),
+                                                top_indices.contiguous(), n_latents, grad_out.dtype)
+    return reference.decode_weight_grad(grad_out, top_acts, top_indices, n_latents)
+
+
+def topk_backend(x: torch.Tensor) -> str:
+    """"triton" only when LLAMA_SAE_TOPK=triton (and Triton can run on x); else "reference" (torch.topk)."""
+    general = backend(x)  # validates LLAMA_SAE_KERNELS
+    return general if os.environ.get("LLAMA_SAE_TOPK", "").strip().lower() == "triton" else "reference"
+
+
 def topk(x: torch.Tensor, k: int) -> TopK:
     """Row-wise top-k of x [B, n]: TopK(values [B, k] largest first, indices [B, k] int64); the values are
     differentiable in x like torch.topk (gradient scattered back to the kept positions).
 
-    The set of values always equals torch.topk's. Ties: the Triton path keeps the lowest indices among equal
-    values (and orders them by index); the reference is torch.topk, whose choice among ties is unspecified, so
-    indices may differ from it only where values tie. Values are compared as fp32 bit patterns: +0.0 ranks
-    above -0.0, NaN with the sign bit clear ranks above +inf (as in torch.topk), NaN with the sign bit set
-    ranks below -inf. The Triton path supports k <= 256; larger k uses the reference.
+    Runs torch.topk unless LLAMA_SAE_TOPK=triton (see the module docstring). The set of values always equals
+    torch.topk's. Ties: the Triton path keeps the lowest indices among equal values (and orders them by index);
+    torch.topk's choice among ties is unspecified, so indices may differ from it only where values tie. Both
+    rank -0.0 equal to +0.0 and every NaN (whatever its sign bit) above +inf; the returned values are the
+    input's own (a -0.0 stays -0.0). The Triton path supports k <= 256; larger k uses torch.topk.
     """
     reference.check_topk_args(x, k)
-    if k <= 256 and backend(x) == "triton":
+    if k <= 256 and topk_backend(x) == "triton":
         return TopK(*_triton_topk.topk(x, k))
     return reference.topk(x, k)
 
 
-__all__ = ["sparse_decode", "topk", "TopK", "backend", "interpreter_ready", "reference"]
+__all__ = ["sparse_decode", "decode_weight_grad", "topk", "topk_backend", "TopK", "backend", "interpreter_ready",
+           "reference"]

@@ -60,9 +60,10 @@ def decode_weight_grad(grad_out: torch.Tensor, top_acts: torch.Tensor, top_indic
     latents never selected are zero), in grad_out's dtype."""
     B, k = top_indices.shape
     flat = top_indices.reshape(-1).long()
-    order = torch.sort(flat, stable=True).indices  # flat positions b * k + j, grouped by latent
-    starts = torch.cumsum(torch.bincount(flat, minlength=n_latents), 0)
-    starts = torch.cat([starts.new_zeros(1), starts[:-1]])  # bag i = order[starts[i]:starts[i+1]]
+    lat, order = torch.sort(flat, stable=True)  # order: flat positions b * k + j, grouped by latent
+    # CSR offsets from the sort (bag i = order[starts[i]:starts[i+1]]); searchsorted, unlike bincount, never
+    # reads a value back to the host, so this costs no device sync on CUDA
+    starts = torch.searchsorted(lat, torch.arange(n_latents, device=flat.device))
     return F.embedding_bag(order.div(k, rounding_mode="floor"), grad_out, starts,
                            per_sample_weights=top_acts.reshape(-1)[order].to(grad_out.dtype), mode="sum")
 

@@ -85,7 +85,12 @@ class TrainConfig:
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine floor as a fraction of peak"})
     grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm (0: off)"})
     ema_decay: float = field(default=0.0, metadata={"help": "EMA of weights (0: off); the EMA is what is saved"})
-    autocast: bool = field(default=False, metadata={"help": "bf16 autocast (CUDA only; fp32 master weights)"})
+    # On CUDA by default the encoder GEMM runs in bf16 on the tensor cores (fp32 master weights, fp32 sparse
+    # kernels and losses), and fp32 matmuls use TF32; the accuracy cost is in README "SAE training defaults".
+    autocast: str = field(default="auto", metadata={"help": "bf16 autocast: auto = on CUDA only | bf16 = also on "
+                                                            "CPU (slow; to measure it) | off",
+                                                    "choices": ["auto", "bf16", "off"]})
+    tf32: bool = field(default=True, metadata={"help": "CUDA: fp32 matmuls on TF32 tensor cores"})
     seed: int = 0
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     # bookkeeping

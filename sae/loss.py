@@ -22,7 +22,7 @@ def total_variance(x: Tensor, reduce: Reduce = identity) -> Tensor:
     """sum_b ||x_b - mean(x)||^2 over the (global) batch; no gradient."""
     with torch.no_grad():
         x = x.float()
-        stats = reduce(torch.cat([x.sum(0), x.new_tensor([x.shape[0]])]))
+        stats = reduce(torch.cat([x.sum(0), x.new_full((1,), x.shape[0])]))  # new_full: no host-to-device copy
         mean = stats[:-1] / stats[-1]
         return reduce((x - mean).pow(2).sum())
 
@@ -47,9 +47,14 @@ def auxk_select(pre_acts: Tensor, dead_mask: Tensor, k_aux: int) -> tuple[Tensor
     return torch.relu(vals), idx
 
 
+def mean_l0(top_acts: Tensor) -> Tensor:
+    """Mean number of non-zero latents per token, as a 0-d tensor on top_acts' device (no host sync)."""
+    return (top_acts > 0).sum(-1).float().mean()
+
+
 def l0(top_acts: Tensor) -> float:
     """Mean number of non-zero latents per token."""
-    return float((top_acts > 0).sum(-1).float().mean())
+    return float(mean_l0(top_acts))
 
 
 class Usage(NamedTuple):
@@ -66,9 +71,10 @@ def usage(fire_counts: Tensor, n_tokens: int, dense_threshold: float = 0.1) -> U
 
 
 def fire_counts(top_acts: Tensor, top_indices: Tensor, n_latents: int) -> Tensor:
-    """How many tokens each latent fired on (value > 0) in this batch: [n_latents] int64."""
-    fired = top_indices[top_acts > 0]
-    return torch.bincount(fired.flatten(), minlength=n_latents)
+    """How many tokens each latent fired on (value > 0) in this batch: [n_latents] int64. A scatter-add of 0/1
+    (integer adds: deterministic), not boolean indexing + bincount, which read sizes back to the host."""
+    fired = (top_acts > 0).flatten().long()
+    return fired.new_zeros(n_latents).scatter_add_(0, top_indices.flatten().long(), fired)
 
 
 def ce_loss_recovered(ce_clean: float, ce_sae: float, ce_ablated: float) -> float:

@@ -20,7 +20,7 @@ from torch import Tensor
 from llama.cli import UserError
 from sae.config import SAEConfig
 from sae.loss import Reduce, auxk_loss, fvu, identity, total_variance
-from sae.ops import sparse_decode, sparse_encode, topk
+from sae.ops import decode_by_width, sparse_decode, sparse_encode, topk
 
 STEER_MODES = ("add", "clamp")
 
@@ -144,14 +144,21 @@ class SAE(nn.Module):
         return EncodeOutput(torch.cat([top_acts, vals.expand(B, -1)], 1), torch.cat([top_indices, ids.expand(B, -1)], 1))
 
     # ---- training forward ----------------------------------------------------------------------------
-    def forward(self, x: Tensor, dead_mask: Tensor | None = None, *, reduce: Reduce = identity) -> SAEOutput:
-        """x [B, d_in] raw. `dead_mask` [n] bool switches on AuxK. `reduce` globalises sums under DDP."""
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None, *, reduce: Reduce = identity,
+                n_dead_bound: int | None = None) -> SAEOutput:
+        """x [B, d_in] raw. `dead_mask` [n] bool switches on AuxK. `reduce` globalises sums under DDP.
+        `n_dead_bound` (topk): a host-side upper bound on dead_mask.sum() (sae.nosync.DeadLatentBound), so that
+        AuxK needs no host sync: it picks min(k_aux, bound) latents, where picks beyond the truly dead ones are
+        live latents masked to -inf (ReLU: 0), i.e. exactly the loss of min(k_aux, n_dead) picks, and the loss
+        is zeroed on the device when no latent is dead. Without it, one sync counts the dead latents."""
         x_n = self.normalize(x)
         zero = x_n.new_zeros(())
         pre, l1 = None, zero
         aux_acts = aux_idx = None
         if self.cfg.architecture == "topk":
-            kk = self.aux_k(dead_mask) if dead_mask is not None and self.training else 0
+            kk = 0
+            if dead_mask is not None and self.training:
+                kk = self.aux_k(dead_mask) if n_dead_bound is None else min(self.cfg.k_aux, n_dead_bound)
             acts, idx, aux_acts, aux_idx = sparse_encode(x_n, self.b_dec, self.W_enc, self.b_enc, self.cfg.k,
                                                          dead_mask if kk else None, kk)
             acts, idx = self.apply_steer(acts, idx)
@@ -169,6 +176,8 @@ class SAE(nn.Module):
         aux = zero
         if aux_acts is not None and aux_acts.shape[1] > 0:
             aux = self.aux_loss(x_n - x_hat_n.detach(), self.aux_decode(aux_acts, aux_idx), reduce)
+            if n_dead_bound is not None:  # the bound may be > 0 with none dead: then there is no AuxK term
+                aux = torch.where(dead_mask.any(), aux, zero)
         return SAEOutput(self.denormalize(x_hat_n, x), acts, idx, pre, loss_fvu, aux, l1)
 
     # ---- AuxK (DESIGN.md section 4) -----------------------------------------------------------------
@@ -177,8 +186,8 @@ class SAE(nn.Module):
         return min(self.cfg.k_aux, int(dead_mask.sum()))
 
     def aux_decode(self, aux_acts: Tensor, aux_idx: Tensor) -> Tensor:
-        """The dead latents' reconstruction of the residual: decoded WITHOUT b_dec."""
-        return sparse_decode(aux_acts.to(self.W_dec.dtype), aux_idx, self.W_dec)
+        """The dead latents' reconstruction of the residual: decoded WITHOUT b_dec (a dense product when wide)."""
+        return decode_by_width(aux_acts.to(self.W_dec.dtype), aux_idx, self.W_dec)
 
     def aux_loss(self, e: Tensor, e_hat: Tensor, reduce: Reduce = identity) -> Tensor:
         """||e - e_hat||^2 normalised by the residual's variance (the caller weights it by aux_coef)."""

@@ -52,18 +52,42 @@ def encoder_linear(x_c: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
     return F.linear(x_c, W_enc, b_enc)
 
 
+# A [B, w] sparse code over n latents is decoded as a dense [B, n] product instead of by gathering rows once w is
+# wide (AuxK with many dead latents: w up to d/2). Bytes model on an H200 (4.3 TB/s, ~790 TFLOP/s bf16, see
+# bench/gpu.py measures the crossover on the card): the gathers move ~3 * B*w*d*2 bytes over fwd+bwd, the dense
+# path does 3 GEMMs of 2*B*n*d FLOPs, so dense should win once w > ~n/160. Measured on the 2-core CPU
+# (`python bench/kernels_cpu.py --auxk-widths 32,128,256,512,1024`, B=1024, n=16384, d=512): dense/sparse time
+# 3.6x at w=n/128, 1.9x at n/64, 0.93x at n/16. LLAMA_SAE_AUXK_PATH=sparse or dense forces one path.
+DENSE_WIDTH_DIVISOR = {"cuda": 128, "cpu": 16}
+
+
+def use_dense(width: int, n_latents: int, device: torch.device) -> bool:
+    """Whether a [B, width] code over n_latents goes through the dense product (see DENSE_WIDTH_DIVISOR)."""
+    mode = os.environ.get("LLAMA_SAE_AUXK_PATH", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "sparse", "dense"):
+        raise ValueError(f"LLAMA_SAE_AUXK_PATH must be auto, sparse or dense, got {mode!r}")
+    if mode != "auto":
+        return mode == "dense"
+    return width * DENSE_WIDTH_DIVISOR.get(device.type, 128) >= n_latents
+
+
+def decode_by_width(top_acts: Tensor, top_indices: Tensor, W_dec: Tensor) -> Tensor:
+    """sparse_decode, or the same op as a dense [B, n] @ W_dec product when the code is wide (use_dense); under
+    autocast the dense product runs on the tensor cores."""
+    if use_dense(top_indices.shape[-1], W_dec.shape[0], W_dec.device):
+        return kernels.reference.sparse_decode_dense(top_acts, top_indices, W_dec)
+    return sparse_decode(top_acts, top_indices, W_dec)
+
+
 def sparse_outer(g: Tensor, idx: Tensor, x: Tensor, n_rows: int) -> Tensor:
     """[n_rows, d] with row i = sum over (b, j) with idx[b, j] == i of g[b, j] * x[b]: the W_dec gradient of
-    sparse_decode with grad_out = x. On the reference backend it is `kernels.reference.decode_weight_grad` (a
-    sorted per-latent segment sum); on Triton we take it from the decode kernel's backward."""
+    sparse_decode with grad_out = x, computed directly (`kernels.decode_weight_grad`: a sorted per-latent segment
+    sum), or as sparse(g)^T @ x through a dense [B, n] matrix when the code is wide (use_dense)."""
     g = g.detach().to(x.dtype)
-    if kernels.backend(g, idx, x) == "reference":
-        return kernels.reference.decode_weight_grad(x, g, idx, n_rows)
-    with torch.enable_grad():
-        W = torch.zeros(n_rows, x.shape[1], dtype=x.dtype, device=x.device, requires_grad=True)
-        y = sparse_decode(g, idx, W)
-        (gw,) = torch.autograd.grad(y, W, x)
-    return gw
+    if use_dense(idx.shape[-1], n_rows, x.device):
+        dense = x.new_zeros(x.shape[0], n_rows).scatter_add_(1, idx, g)
+        return dense.T @ x
+    return kernels.decode_weight_grad(x, g, idx, n_rows)
 
 
 class _SparseEncode(torch.autograd.Function):
@@ -85,9 +109,8 @@ class _SparseEncode(torch.autograd.Function):
         x_c = x_n - b_dec
         pre = encoder_linear(x_c, W_enc, b_enc)
         vals, idx = topk(pre, k)
-        if dead_mask is not None and bool(dead_mask.any()):
-            kk = min(k_aux, int(dead_mask.sum()))
-            aux_vals, aux_idx = topk(pre.masked_fill_(~dead_mask, float("-inf")), kk)
+        if dead_mask is not None and k_aux > 0:  # the caller sizes k_aux (SAE.forward); no host sync here
+            aux_vals, aux_idx = topk(pre.masked_fill_(~dead_mask, float("-inf")), k_aux)  # live picks: -inf -> 0
         else:
             aux_vals = vals.new_zeros(vals.shape[0], 0)
             aux_idx = idx.new_zeros(idx.shape[0], 0)
@@ -120,5 +143,6 @@ class _SparseEncode(torch.autograd.Function):
 def sparse_encode(x_n: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, dead_mask: Tensor | None = None,
                   k_aux: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """TopK code of x_n - b_dec -> (top_acts [B,k], top_indices [B,k], aux_acts [B,k'], aux_indices [B,k']),
-    k' = min(k_aux, n_dead) or 0."""
+    k' = k_aux when dead_mask is given, else 0: the top k_aux pre-activations among the dead latents, ReLU'd; if
+    fewer than k_aux are dead, the extra picks are live latents masked to -inf, i.e. zeros that change nothing."""
     return _SparseEncode.apply(x_n, b_dec, W_enc, b_enc, k, dead_mask, k_aux)

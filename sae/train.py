@@ -20,8 +20,9 @@ from llama.cli import UserError, atomic_write_bytes, progress_bar, save_config
 from sae import dist
 from sae.config import SAEConfig, TrainConfig
 from sae.formats import save as save_sae
-from sae.loss import fire_counts, l0, usage
+from sae.loss import fire_counts, l0, mean_l0, usage
 from sae.model import SAE, init_from_sample
+from sae.nosync import DeadLatentBound, host_reads_free
 
 
 class TrainResult(NamedTuple):
@@ -45,14 +46,27 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
 
 
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """torch's clip_grad_norm_ (same norm, same scale max_norm / (norm + 1e-6)), but the grads are rescaled only
-    when the norm is above max_norm: clip_grad_norm_ always multiplies every gradient by the clamped factor,
-    which is an extra full pass over [n, d] twice per step that multiplies by exactly 1.0 in the common case."""
+    """torch's clip_grad_norm_ (same norm, same scale max_norm / (norm + 1e-6)). On CPU the grads are rescaled
+    only when the norm is above max_norm: clip_grad_norm_ always multiplies every gradient by the clamped
+    factor, an extra full pass over [n, d] twice per step that multiplies by exactly 1.0 in the common case. On
+    a GPU that test would be a host sync, so the (cheap there) multiply always runs: same result."""
     grads = [p.grad for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads)
-    if max_norm > 0 and float(norm) > max_norm:
+    if max_norm > 0 and (not host_reads_free(norm) or float(norm) > max_norm):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm
+
+
+def autocast_enabled(mode: str, device: torch.device) -> bool:
+    """--autocast auto: bf16 on CUDA (the encoder GEMM on the tensor cores), off on CPU; bf16: everywhere (on
+    CPU only to measure its accuracy cost); off: never."""
+    return mode == "bf16" or (mode == "auto" and device.type == "cuda")
+
+
+def as_floats(stats: dict[str, torch.Tensor]) -> dict[str, float]:
+    """A step's 0-d device tensors -> floats, with one device-to-host copy (the logging step's one sync)."""
+    keys = list(stats)
+    return dict(zip(keys, torch.stack([stats[k].detach().float().reshape(()) for k in keys]).tolist()))
 
 
 def make_optimizer(sae: SAE, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -97,6 +111,9 @@ class Trainer:
         self.window_tokens = 0
         self.ema = {k: p.detach().clone() for k, p in self.sae.named_parameters()} if cfg.ema_decay > 0 else None
         self.step = 0
+        self.dead_bound = DeadLatentBound(cfg.dead_tokens, self.tokens_since_fired)  # sizes AuxK without a sync
+        if self.info.device.type == "cuda":  # fp32 matmuls (autocast off, or outside it) on TF32 tensor cores
+            torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
 
     # ---- init / checkpoint ---------------------------------------------------------------------------
     def init_weights(self) -> None:
@@ -140,15 +157,18 @@ class Trainer:
         self.window_tokens = int(st["window_tokens"])
         self.ema = st["ema"]
         torch.set_rng_state(st["rng"].cpu())
+        self.dead_bound.refresh(self.tokens_since_fired)
         return True
 
     # ---- one step --------------------------------------------------------------------------------------
-    def train_step(self, x: torch.Tensor) -> dict[str, float]:
+    def train_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One optimizer step. Returns its statistics as 0-d device tensors (`as_floats` converts them): with the
+        topk architecture the step never waits for the device (sae/nosync.py; tests/test_nosync.py)."""
         cfg, sae = self.cfg, self.sae
         dead_mask = self.tokens_since_fired >= cfg.dead_tokens
-        dev = self.info.device.type
-        with torch.autocast(device_type=dev, dtype=torch.bfloat16, enabled=cfg.autocast and dev == "cuda"):
-            out = sae(x, dead_mask, reduce=dist.all_reduce_sum)
+        dev = self.info.device
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast_enabled(cfg.autocast, dev)):
+            out = sae(x, dead_mask, reduce=dist.all_reduce_sum, n_dead_bound=self.dead_bound.bound())
         loss = out.fvu + sae.cfg.aux_coef * out.auxk_loss + out.l1_loss
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -164,15 +184,16 @@ class Trainer:
                     self.ema[k].lerp_(p.detach(), 1 - cfg.ema_decay)
         counts = dist.all_reduce_sum(fire_counts(out.top_acts.detach(), out.top_indices, sae.cfg.n_latents))
         self.tokens_since_fired += cfg.batch_size
-        self.tokens_since_fired[counts > 0] = 0
+        self.tokens_since_fired.masked_fill_(counts > 0, 0)
+        self.dead_bound.advance(cfg.batch_size)
         self.window_counts += counts
         self.window_tokens += cfg.batch_size
         stats = dist.all_reduce_sum(torch.stack([out.fvu.detach().float(), out.auxk_loss.detach().float(),
                                                  out.l1_loss.detach().float(), loss.detach().float(),
-                                                 torch.tensor(l0(out.top_acts.detach()), device=x.device)]))
+                                                 mean_l0(out.top_acts.detach())]))
         w = self.info.world_size
-        return {"loss": float(stats[3]), "fvu": float(stats[0]), "auxk": float(stats[1]), "l1": float(stats[2]),
-                "l0": float(stats[4]) / w, "grad_norm": float(gnorm), "dead": float(dead_mask.float().mean())}
+        return {"loss": stats[3], "fvu": stats[0], "auxk": stats[1], "l1": stats[2], "l0": stats[4] / w,
+                "grad_norm": gnorm, "dead": dead_mask.float().mean()}
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -211,10 +232,12 @@ class Trainer:
         metrics: dict[str, float] = {}
         t0, tok0 = time.perf_counter(), self.step
         while self.step < cfg.steps:
-            metrics = self.train_step(next(it))
+            step_stats = self.train_step(next(it))
             self.step += 1
             bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:  # the only steps that sync
+                metrics = as_floats(step_stats)
+                self.dead_bound.refresh(self.tokens_since_fired)
                 dt = time.perf_counter() - t0
                 use = usage(self.window_counts, self.window_tokens)
                 metrics.update(step=self.step, lr=self.sched.get_last_lr()[0], dense=use.dense_fraction,
