@@ -166,3 +166,94 @@ def test_public_functions_dispatch_to_triton(monkeypatch):
     monkeypatch.setenv("LLAMA_SAE_KERNELS", "reference")
     assert kernels.backend(acts, idx, W) == "reference"
     torch.testing.assert_close(kernels.sparse_decode(acts, idx, W), _dense_fp32(acts, idx, W))
+
+
+# ---- shapes a wrong kernel would get wrong (issue 15 item 13): production BLOCK_D, k not a power of two, skew -----
+def _row_rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest per-row relative error ||got_r - want_r|| / ||want_r|| over rows with a non-zero reference."""
+    got, want = got.detach().float(), want.detach().float()
+    norm = want.norm(dim=-1)
+    keep = norm > 0
+    return float(((got - want).norm(dim=-1)[keep] / norm[keep]).max()) if keep.any() else 0.0
+
+
+def _check_decode(acts, idx, W, grad, n, **kw) -> None:
+    dtype = W.dtype
+    out, ga, gw = _run(lambda a, i, w: triton_decode(a, i, w, **kw), acts, idx, W, grad)
+    ref_out, ref_ga, ref_gw = _run(_dense_fp32, acts, idx, W, grad.float())
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for name, g_, w_ in (("out", out, ref_out), ("grad acts", ga, ref_ga), ("grad W", gw, ref_gw)):
+        assert _row_rel_err(g_, w_) <= tol, (name, _row_rel_err(g_, w_))
+    used = torch.zeros(n, dtype=torch.bool, device=DEVICE)
+    used[idx.reshape(-1)] = True
+    assert not used.all() and torch.equal(gw[~used], torch.zeros_like(gw[~used]))  # exactly zero, not ~0
+
+
+# (B, k, n, d): the production tile (BLOCK_D = 256 for d % 256 == 0), k of 5, 17, 33, 100
+REAL_TILE_CASES = [(3, 5, 40, 256), (2, 17, 60, 512), (2, 33, 80, 256), (2, 100, 240, 256)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,k,n,d", REAL_TILE_CASES)
+def test_sparse_decode_production_tile_and_odd_k(B, k, n, d, dtype):
+    assert pick_block_d(d) == 256
+    _check_decode(*_decode_inputs(B, k, n, d, dtype, seed=k + d), n)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["one latent in every row", "one latent everywhere", "chunk edges"])
+def test_sparse_decode_skewed_indices(case, dtype):
+    """The AuxK pattern: one latent in every row, so its occurrences span many chunks of the W_dec-gradient
+    kernel's sorted list (and the fix-up pass sums them); and a list that is a single latent throughout."""
+    B, k, n, d = 40, 5, 30, 64
+    acts, idx, W, grad = _decode_inputs(B, k, n, d, dtype, seed=11)
+    if case == "one latent in every row":
+        idx[:, 2] = 7  # (a row that drew 7 already now holds it twice: repeats add up)
+    elif case == "one latent everywhere":
+        idx[:] = 3
+    else:  # segments ending exactly on a chunk edge: 8 occurrences each with chunks of 8 (block_s below)
+        idx = torch.arange(B * k, device=DEVICE).reshape(B, k) // 8 % n
+    for block_s in (32, 8):
+        out, ga, gw = _run(triton_decode, acts, idx, W, grad)
+        from kernels.sparse_decode import decode_backward_w
+        gw2 = decode_backward_w(grad, acts, idx, n, dtype, block_s=block_s)
+        ref_gw = _run(_dense_fp32, acts, idx, W, grad.float())[2]
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        assert _row_rel_err(gw, ref_gw) <= tol and _row_rel_err(gw2, ref_gw) <= tol, case
+        unused = torch.ones(n, dtype=torch.bool, device=DEVICE)
+        unused[idx.reshape(-1)] = False
+        assert torch.equal(gw2[unused], torch.zeros_like(gw2[unused]))
+    _check_decode(acts, idx, W, grad, n)
+
+
+def test_decode_weight_grad_is_deterministic():
+    acts, idx, W, grad = _decode_inputs(24, 4, 20, 32, torch.float32, seed=4)
+    idx[:, 0] = 1
+    from kernels.sparse_decode import decode_backward_w
+    first = decode_backward_w(grad, acts, idx, 20, torch.float32)
+    assert all(torch.equal(first, decode_backward_w(grad, acts, idx, 20, torch.float32)) for _ in range(3))
+
+
+# (B, n, k, block_n): K2 = 8, 32, 64, 128, 256 (k = 5, 17, 33, 100, 200), one and several stages
+TOPK_REAL_CASES = [(2, 300, 5, None), (1, 600, 17, 128), (1, 1000, 33, None), (1, 700, 100, 256),
+                   (1, 700, 200, 512)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,n,k,block_n", TOPK_REAL_CASES)
+def test_topk_odd_k_and_multi_stage(B, n, k, block_n, dtype):
+    x = torch.randn(B, n, generator=torch.Generator().manual_seed(n + k)).to(DEVICE, dtype)
+    _check_topk(x, k, *triton_topk(x, k, block_n))
+
+
+def test_topk_nan_and_signed_zero_rank_like_torch():
+    """-0.0 ties with +0.0 (lower index first); every NaN, sign bit set or not, ranks above +inf, as in
+    torch.topk; the values returned are the input's own bits."""
+    neg_nan = torch.tensor([0xFFC00001], dtype=torch.int64).to(torch.int32).view(torch.float32).item()
+    x = torch.tensor([[-0.0, 1.0, 0.0, neg_nan, float("inf"), -1.0, float("nan"), -0.0, 0.0, float("-inf")]],
+                     device=DEVICE)
+    values, indices = triton_topk(x, 7, 4)
+    assert indices[0].tolist() == [3, 6, 4, 1, 0, 2, 7]
+    ref = torch.topk(x, 7)
+    torch.testing.assert_close(values, ref.values, equal_nan=True, rtol=0, atol=0)
+    assert torch.equal(torch.signbit(values), torch.signbit(x.gather(1, indices)))  # -0.0 and NaN signs kept
