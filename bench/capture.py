@@ -1,7 +1,7 @@
 """Capture and store-read throughput, against peers measured in the same run (only same-run ratios mean anything).
 
     python bench/capture.py                      # dim 512, 8 layers, random weights, CPython-docs text, CPU
-    python bench/capture.py --dim 2048 --n-layers 16 --device cuda
+    python bench/capture.py --dim 2048 --n-layers 16 --device cuda --dtype bfloat16
 
 Rows: the tokens that end up in the store (no BOS, no padding); every line counts the same rows of the same batches.
   forward(stop_early)  our model up to the capture point only: the forward a capture cannot avoid
@@ -13,6 +13,8 @@ Rows: the tokens that end up in the store (no BOS, no padding); every line count
 Store read: ActivationStore.batches (shuffled across shards; as bf16 and converted to fp32) in rows/s and GB/s of
 bf16 read, of the captured store and of a synthetic Llama-width store, next to one TopK SAE training step
 (16x latents, k=32) on the same rows: the reader must be far faster than training consumes.
+On CUDA every timing ends with torch.cuda.synchronize (the device's work is counted, not just its queueing) and
+each row reports the peak CUDA memory (torch.cuda.max_memory_allocated) of its runs.
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ class BenchConfig:
     batch_tokens: int = 8192
     repeats: int = 3
     device: str = "cpu"
+    dtype: str = field(default="float32", metadata={"choices": ["float32", "bfloat16"]})  # model weights
     threads: int = 0  # 0: torch's default
     read_batch: int = 4096
     read_batches: int = 100
@@ -80,14 +83,30 @@ def build_models(cfg: BenchConfig, folder: Path, tok_file: Path):
     hf = LlamaForCausalLM(hf_cfg).eval()
     hf.save_pretrained(folder)
     (folder / "tokenizer.model").write_bytes(tok_file.read_bytes())
-    ours = llama.load_model(folder, device=cfg.device)
-    return hf.to(cfg.device), ours
+    ours = llama.load_model(folder, device=cfg.device, dtype=cfg.dtype)
+    return hf.to(cfg.device, getattr(torch, cfg.dtype)), ours
 
 
 def timed(fn) -> float:
+    """Wall seconds of fn(); on CUDA the device's queued work is waited for on both ends."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if cuda:
+        torch.cuda.synchronize()
     t = time.perf_counter()
     fn()
+    if cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - t
+
+
+def peak_cuda_mb(reset: bool = True) -> float:
+    """torch.cuda.max_memory_allocated in MiB since the last reset (0 without CUDA)."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return 0.0
+    mb = torch.cuda.max_memory_allocated() / 2**20
+    if reset:
+        torch.cuda.reset_peak_memory_stats()
+    return mb
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -132,26 +151,30 @@ def main(argv: list[str] | None = None) -> None:
     def capture() -> None:
         run_capture(CaptureConfig(model=str(tmp / "model"), inputs=[str(text)], out=str(tmp / "store"),
                                   points=[point], mode=cfg.mode, ctx_len=cfg.ctx_len, batch_tokens=cfg.batch_tokens,
-                                  device=cfg.device, dtype="float32", overwrite=True, progress=False,
+                                  device=cfg.device, dtype=cfg.dtype, overwrite=True, progress=False,
                                   prefetch=cfg.prefetch, queue_size=cfg.queue_size),
                     model=ours, tokenizer=tok)
 
     forward(True)  # warm-up
     runs: dict[str, list[float]] = {"forward(stop_early)": [], "forward(full)": [], "capture": [],
                                     "HF hidden_states": []}
+    peaks = dict.fromkeys(runs, 0.0)
+    fns = {"forward(stop_early)": lambda: forward(True), "forward(full)": lambda: forward(False),
+           "capture": capture, "HF hidden_states": hf_hidden}
     for _ in range(cfg.repeats):  # interleaved A/B/C/D, medians
         (tmp / "store" / "manifest.json").unlink(missing_ok=True)
         import shutil
         shutil.rmtree(tmp / "store", ignore_errors=True)
-        runs["forward(stop_early)"].append(timed(lambda: forward(True)))
-        runs["forward(full)"].append(timed(lambda: forward(False)))
-        runs["capture"].append(timed(capture))
-        runs["HF hidden_states"].append(timed(hf_hidden))
+        for name, fn in fns.items():
+            peak_cuda_mb()
+            runs[name].append(timed(fn))
+            peaks[name] = max(peaks[name], peak_cuda_mb())
     base = statistics.median(runs["forward(stop_early)"])
-    print(f"\n{'':22s} {'rows/s':>10s} {'time/forward(stop_early)':>26s}   (median of {cfg.repeats})")
+    print(f"\n{'':22s} {'rows/s':>10s} {'time/forward(stop_early)':>26s} {'peak CUDA MB':>13s}   "
+          f"(median of {cfg.repeats})")
     for name, ts in runs.items():
         t = statistics.median(ts)
-        print(f"{name:22s} {rows / t:10,.0f} {t / base:25.3f}x")
+        print(f"{name:22s} {rows / t:10,.0f} {t / base:25.3f}x {peaks[name]:13,.0f}")
 
     read_section(open_store(tmp / "store"), cfg, "the captured store")
     if cfg.read_d_model:

@@ -3,6 +3,7 @@ cosine between the true features and the learned decoder rows, FVU and dead frac
 
     python bench/sae_recovery.py                 # the harder case below; goal: recovery >= 0.99, < 1% dead
     python bench/sae_recovery.py --steps 1000    # quicker look
+    python bench/sae_recovery.py --autocast bf16 # the accuracy cost of bf16 autocast (CUDA's default)
 
 The case (defaults), much harder than the test's easy one (tests/test_sae_train.py: d=32, 64 features, uniform
 frequencies, 3 active, equal-ish magnitudes, no correlation, no noise):
@@ -58,6 +59,7 @@ class RecoveryBench:
     dead_tokens: int = 200_000
     threads: int = 2
     seed: int = 2024
+    autocast: str = "off"  # bf16: the forward under bf16 autocast (what CUDA training does by default), also on CPU
 
 
 def oracle_fvu(data: SyntheticData, k: int, scale: float) -> float:
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(out=out, n_latents=b.n_latents, k=b.k, batch_size=b.batch_size, steps=b.steps, lr=b.lr,
                           dead_tokens=b.dead_tokens, log_every=max(b.steps // 10, 1), val_every=0, ckpt_every=0,
-                          warmup_steps=100, schedule="cosine", min_lr_ratio=0.1, seed=b.seed)
+                          warmup_steps=100, schedule="cosine", min_lr_ratio=0.1, seed=b.seed, autocast=b.autocast)
         tr = Trainer(cfg, src)
         t0 = time.perf_counter()
         res = tr.run()
