@@ -94,7 +94,7 @@ def make_step(b: TrainBench, who: str, x, bf16: bool, dead_fraction: float):
     dead[dead_idx] = True
 
     def step(xb):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
             out = sae(xb, dead_mask=dead)
         loss = out.fvu + out.auxk_loss / 32
         opt.zero_grad(set_to_none=True)

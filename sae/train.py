@@ -167,8 +167,11 @@ class Trainer:
         cfg, sae = self.cfg, self.sae
         dead_mask = self.tokens_since_fired >= cfg.dead_tokens
         dev = self.info.device
+        # AuxK's width: the exact dead count where reading it is free (CPU), else the host-side bound (GPU: no sync;
+        # it stays tight while log_every * batch_size << dead_tokens, e.g. 50 * 4096 vs 10M by default)
+        n_dead = int(dead_mask.sum()) if host_reads_free(dead_mask) else self.dead_bound.bound()
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast_enabled(cfg.autocast, dev)):
-            out = sae(x, dead_mask, reduce=dist.all_reduce_sum, n_dead_bound=self.dead_bound.bound())
+            out = sae(x, dead_mask, reduce=dist.all_reduce_sum, n_dead_bound=n_dead)
         loss = out.fvu + sae.cfg.aux_coef * out.auxk_loss + out.l1_loss
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
