@@ -9,10 +9,10 @@ skipped when the time left is below its estimate: env (card, driver, measured bf
 zero_sync (non-logging training steps under torch.cuda.set_sync_debug_mode("error")), sae_train (tokens/s of
 full steps at d=2048, n=65536, k=32, B=4096, bf16 autocast and fp32, no dead latents and 5% dead (AuxK on): ours
 vs LLAMA_SAE_KERNELS=reference vs EleutherAI sparsify), kernel_tests (the kernel suite's CUDA cases, fp32 + bf16),
-kernels_grid (bench/kernels.py correctness + timing, trimmed; decode fwd+bwd vs dense at n=2^17), topk (Triton
-vs torch.topk), auxk_paths (sparse vs dense AuxK decode by width), store (activation store on local disk ->
-device, rows/s and GB/s, and training fed from it), capture (Llama-3.2-1B shapes, random bf16 weights: ours vs
-HF output_hidden_states, tokens/s and MFU against the card's bf16 peak).
+capture (Llama-3.2-1B shapes, random bf16 weights: ours vs HF output_hidden_states, tokens/s and MFU against the
+card's bf16 peak), kernels_grid (bench/kernels.py correctness + timing, trimmed; decode fwd+bwd vs dense at
+n=2^17), topk (Triton vs torch.topk), auxk_paths (sparse vs dense AuxK decode by width), store (activation store
+on local disk -> device, rows/s and GB/s, and training fed from it). Rerun a part with e.g. --sections capture.
 
 sparsify: the card's machine has no network. The script uses, in order: an importable `sparsify`, a --target
 install it made before (--sparsify-site), or installs the wheels in --wheelhouse there (pip --no-index --no-deps;

@@ -345,9 +345,9 @@ def auxk_paths(ctx: Ctx) -> dict:
 
 
 SECTIONS: list[tuple[str, Callable[[Ctx], dict], float]] = [  # name, function, estimated seconds on an H200
-    ("env", env, 15), ("zero_sync", zero_sync, 40), ("sae_train", sae_train, 150), ("kernel_tests", kernel_tests, 150),
-    ("kernels_grid", kernels_grid, 70), ("topk", topk, 15), ("auxk_paths", auxk_paths, 15), ("store", store, 40),
-    ("capture", capture, 60)]
+    ("env", env, 10), ("zero_sync", zero_sync, 30), ("sae_train", sae_train, 130), ("kernel_tests", kernel_tests, 100),
+    ("capture", capture, 50), ("kernels_grid", kernels_grid, 60), ("topk", topk, 10), ("auxk_paths", auxk_paths, 10),
+    ("store", store, 30)]
 
 
 def new_ctx(dry: bool) -> Ctx:

@@ -73,7 +73,7 @@ def _decode_bwd_w_kernel(grad_ptr, acts_ptr, order_ptr, lat_ptr, part_ptr, gw_pt
     first = tl.load(lat_ptr + s0)
     started_before = tl.load(lat_ptr + s0 - 1, mask=s0 > 0, other=-2) == first
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for i in range(0, BLOCK_S):
+    for i in tl.static_range(BLOCK_S):  # unrolled: the chunk's independent loads can all be in flight
         s = s0 + i
         valid = s < M
         lat = tl.load(lat_ptr + s, mask=valid, other=-1)

@@ -20,8 +20,8 @@ def test_gpu_bench_dry_run(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-3000:]
     report = json.loads(out.read_text())
     sections = report["sections"]
-    assert list(sections) == ["env", "zero_sync", "sae_train", "kernel_tests", "kernels_grid", "topk",
-                              "auxk_paths", "store", "capture"]
+    assert list(sections) == ["env", "zero_sync", "sae_train", "kernel_tests", "capture", "kernels_grid", "topk",
+                              "auxk_paths", "store"]
     assert all(s["status"] == "ok" for s in sections.values()), {k: s["status"] for k, s in sections.items()}
     assert report["card"] == "cpu (dry run)" and report["dry_run"] is True
     assert [row["syncs"] for row in sections["zero_sync"]["rows"]][0] == "none"
