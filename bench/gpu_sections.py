@@ -127,6 +127,8 @@ def kernels_grid(ctx: Ctx) -> dict:
     out = ctx.tmp / "kernels.json"
     argv = ["--dry-run"] if ctx.dry else ["--d-models", "2048", "--n-latents", "65536", "131072", "--ks", "32",
                                           "--timing", "2048:131072:32", "2048:65536:32", "--reps", "10"]
+    if ctx.dry:  # one correctness shape is enough to walk the code (the test suite runs bench/kernels.py's own)
+        bk.DRY_RUN = {**bk.DRY_RUN, "d_models": (48,), "n_latents": (100,), "ks": (4,)}
     code = bk.main(argv + ["--out", str(out)])
     res = json.loads(out.read_text())
     res["rows"] = res.pop("rows")
@@ -200,7 +202,7 @@ def sae_train(ctx: Ctx) -> dict:
         b.precisions, b.dead_fractions = "bf16", "0.05"
     b.peer_path = ctx.sparsify_path
     rows, notes = [], []
-    for who in ("ours", "reference", "sparsify"):
+    for who in ("ours", "sparsify") if ctx.dry else ("ours", "reference", "sparsify"):  # dry: one start less
         if who == "sparsify" and not ctx.sparsify_path:
             notes.append(f"sparsify unavailable: {ctx.sparsify_why}")
             continue
@@ -344,10 +346,48 @@ def auxk_paths(ctx: Ctx) -> dict:
     return {"rows": rows}
 
 
+def wgrad(ctx: Ctx) -> dict:
+    """The W_dec-gradient kernel on uniform vs skewed indices (one latent in every row) vs the reference's
+    embedding_bag segment sum: load balance shows as skewed ~ uniform."""
+    import kernels
+    from kernels.sparse_decode import decode_backward_w
+    B, k, n, d = (16, 4, 64, 32) if ctx.dry else (4096, 32, 65536, 2048)
+    dtype = torch.bfloat16 if ctx.cuda else torch.float32
+    grad = torch.randn(B, d, device=ctx.device).to(dtype)
+    acts = torch.rand(B, k, device=ctx.device).to(dtype)
+    rows = []
+    for case in ("uniform", "skewed"):
+        idx = torch.randint(0, n, (B, k), device=ctx.device)
+        if case == "skewed":
+            idx[:, 0] = 0
+        t_tri = time_ms(ctx, lambda: decode_backward_w(grad, acts, idx, n, dtype))
+        t_ref = time_ms(ctx, lambda: kernels.reference.decode_weight_grad(grad, acts, idx, n))
+        rows.append({"indices": case, "triton_ms": round(t_tri, 3), "embedding_bag_ms": round(t_ref, 3),
+                     "speedup": round(t_ref / t_tri, 2)})
+    return {"rows": rows}
+
+
+def recovery(ctx: Ctx) -> dict:
+    """Accuracy cost of the GPU defaults on the ground-truth benchmark (bench/sae_recovery.py): fp32, TF32, bf16."""
+    import bench.sae_recovery as sr
+    b = sr.RecoveryBench(d=16, n_features=32, n_latents=64, k=4, rows=2000, steps=8, batch_size=32,
+                         dead_tokens=320) if ctx.dry else sr.RecoveryBench()
+    variants = [("fp32", "off", False)] if ctx.dry else [
+        ("fp32", "off", False), ("TF32", "off", True), ("bf16 autocast + TF32 (default)", "auto", True)]
+    rows = []
+    for name, autocast, tf32 in variants:
+        b.device, b.autocast, b.tf32, b.progress = ctx.device, autocast, tf32, False
+        out = sr.run(b)
+        rows.append({"precision": name, **{k: round(v, 4) for k, v in out.items() if k != "table"}})
+    if ctx.cuda:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    return {"rows": rows}
+
+
 SECTIONS: list[tuple[str, Callable[[Ctx], dict], float]] = [  # name, function, estimated seconds on an H200
     ("env", env, 10), ("zero_sync", zero_sync, 30), ("sae_train", sae_train, 130), ("kernel_tests", kernel_tests, 100),
     ("capture", capture, 50), ("kernels_grid", kernels_grid, 60), ("topk", topk, 10), ("auxk_paths", auxk_paths, 10),
-    ("store", store, 30)]
+    ("store", store, 30), ("wgrad", wgrad, 10), ("recovery", recovery, 60)]
 
 
 def new_ctx(dry: bool) -> Ctx:

@@ -6,6 +6,10 @@ for top_acts and W_dec) at the SAE training shape d=2048, n=32768, k=32, B=4096.
 reference on CPU) vs torch.topk on [B, n] as a sanity peer.
 
     python bench/kernels_cpu.py --reps 3 --threads 2
+    python bench/kernels_cpu.py --auxk-widths 32,128,256,512,1024 --batch 1024 --n-latents 16384 --d-model 512
+
+--auxk-widths instead times decode fwd+bwd with k = each width (the AuxK pattern), the reference's sorted
+gathers vs the dense [B, n] product, to place sae.ops.DENSE_WIDTH_DIVISOR["cpu"] (dense once w >= n / divisor).
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ class CpuBenchConfig:
     dtype: str = field(default="float32", metadata={"choices": ["float32", "bfloat16"]})
     seed: int = 0
     out: str = field(default="", metadata={"help": "optional JSON file for config + results"})
+    auxk_widths: str = field(default="", metadata={"help": "comma-separated widths: the AuxK path table only"})
 
 
 def _fwd_bwd(fn: Callable, acts: torch.Tensor, idx: torch.Tensor, W: torch.Tensor, grad: torch.Tensor) -> None:
@@ -67,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     grad = torch.randn(B, d, generator=g).to(dtype)
     assert kernels.backend(acts, idx, W) == "reference"
     dense, ref = kernels.reference.sparse_decode_dense, kernels.sparse_decode
+    if cfg.auxk_widths:
+        return auxk_table(cfg, W, grad, g)
     print(f"B={B} d={d} n={n} k={k} {cfg.dtype}, {torch.get_num_threads()} threads, {cfg.reps} reps", flush=True)
     results = {}
     results["fwd"] = _ab({"dense": lambda: dense(acts, idx, W), "kernels": lambda: ref(acts, idx, W)}, cfg.reps)
@@ -81,6 +88,24 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.out:
         atomic_write_json(cfg.out, {"config": config_to_dict(cfg), "threads": torch.get_num_threads(),
                                     "ms": results})
+    return 0
+
+
+def auxk_table(cfg: CpuBenchConfig, W: torch.Tensor, grad: torch.Tensor, g: torch.Generator) -> int:
+    from sae.ops import DENSE_WIDTH_DIVISOR
+    B, n = grad.shape[0], W.shape[0]
+    print(f"{'width':>6s} {'n/width':>8s} {'sparse ms':>10s} {'dense ms':>9s} {'dense/sparse':>13s} {'ours':>7s}")
+    rows = []
+    for w in (int(v) for v in cfg.auxk_widths.split(",")):
+        idx = torch.stack([torch.randperm(n, generator=g)[:w] for _ in range(B)])
+        acts = torch.rand(B, w, generator=g).to(W.dtype)
+        t = _ab({"sparse": lambda: _fwd_bwd(kernels.sparse_decode, acts, idx, W, grad),
+                 "dense": lambda: _fwd_bwd(kernels.reference.sparse_decode_dense, acts, idx, W, grad)}, cfg.reps)
+        ours = "dense" if w * DENSE_WIDTH_DIVISOR["cpu"] >= n else "sparse"
+        print(f"{w:6d} {n // w:8d} {t['sparse']:10.1f} {t['dense']:9.1f} {t['dense'] / t['sparse']:12.2f}x {ours:>7s}")
+        rows.append({"width": w, **t})
+    if cfg.out:
+        atomic_write_json(cfg.out, {"config": config_to_dict(cfg), "auxk": rows})
     return 0
 
 

@@ -4,6 +4,7 @@ cosine between the true features and the learned decoder rows, FVU and dead frac
     python bench/sae_recovery.py                 # the harder case below; goal: recovery >= 0.99, < 1% dead
     python bench/sae_recovery.py --steps 1000    # quicker look
     python bench/sae_recovery.py --autocast bf16 # the accuracy cost of bf16 autocast (CUDA's default)
+    python bench/sae_recovery.py --device cuda --tf32 true   # on a GPU (bench/gpu.py runs fp32, TF32 and bf16)
 
 The case (defaults), much harder than the test's easy one (tests/test_sae_train.py: d=32, 64 features, uniform
 frequencies, 3 active, equal-ish magnitudes, no correlation, no noise):
@@ -60,6 +61,9 @@ class RecoveryBench:
     threads: int = 2
     seed: int = 2024
     autocast: str = "off"  # bf16: the forward under bf16 autocast (what CUDA training does by default), also on CPU
+    tf32: bool = False  # CUDA: fp32 matmuls on TF32 (training's default is on; off here = the fp32 baseline)
+    device: str = "cpu"
+    progress: bool = True
 
 
 def oracle_fvu(data: SyntheticData, k: int, scale: float) -> float:
@@ -71,8 +75,8 @@ def oracle_fvu(data: SyntheticData, k: int, scale: float) -> float:
     return float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
 
 
-def main(argv: list[str] | None = None) -> int:
-    b = parse_config(RecoveryBench, argv, description=__doc__)
+def run(b: RecoveryBench) -> dict:
+    """Train on the ground-truth case; the metrics of the table (and the table itself, under "table")."""
     torch.set_num_threads(b.threads)
     scale = 30.0
     data = generate(SyntheticConfig(d=b.d, n_features=b.n_features, rows=b.rows, avg_active=b.avg_active, zipf=b.zipf,
@@ -83,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(out=out, n_latents=b.n_latents, k=b.k, batch_size=b.batch_size, steps=b.steps, lr=b.lr,
                           dead_tokens=b.dead_tokens, log_every=max(b.steps // 10, 1), val_every=0, ckpt_every=0,
-                          warmup_steps=100, schedule="cosine", min_lr_ratio=0.1, seed=b.seed, autocast=b.autocast)
+                          warmup_steps=100, schedule="cosine", min_lr_ratio=0.1, seed=b.seed, autocast=b.autocast,
+                          tf32=b.tf32, device=b.device, progress=b.progress)
         tr = Trainer(cfg, src)
         t0 = time.perf_counter()
         res = tr.run()
@@ -91,21 +96,33 @@ def main(argv: list[str] | None = None) -> int:
     m = activation_metrics(res.sae, src, batch_size=4096, max_batches=64)
     dead_trained = float((tr.tokens_since_fired >= b.dead_tokens).float().mean())
     rec = recovery(data.features, res.sae.W_dec)
-    w = res.sae.W_dec.detach().float()
+    w = res.sae.W_dec.detach().float().cpu()
     per_feature = (data.features @ (w / w.norm(dim=1, keepdim=True)).T).max(dim=1).values
-    print(f"case: d={b.d} features={b.n_features} latents={b.n_latents} k={b.k} avg_active={b.avg_active} "
-          f"(std {active.std():.1f}, max {int(active.max())}) zipf={b.zipf} groups={b.correlated_groups} "
-          f"magnitudes U[{1 - b.mag_spread:g}, {1 + b.mag_spread:g}] noise={b.noise}; "
-          f"lr {cfg.peak_lr(b.n_latents):.2g}, {b.steps} steps x {b.batch_size} tokens in {dt:.0f}s")
-    print(f"| metric | value | goal |\n|---|---|---|\n| recovery (mean max cos) | {rec:.4f} | >= 0.99 |\n"
-          f"| features with max cos >= 0.99 / >= 0.9 | {float((per_feature >= 0.99).float().mean()):.3f} / "
-          f"{float((per_feature >= 0.9).float().mean()):.3f} | |\n"
-          f"| worst feature's max cos | {float(per_feature.min()):.4f} | |\n"
-          f"| dead fraction (no firing in the last {b.dead_tokens} training tokens) | {dead_trained:.4f} | < 0.01 |\n"
-          f"| latents never firing on the {m['tokens']} held-out tokens | {m['dead_fraction']:.4f} | |\n"
-          f"| held-out FVU | {m['fvu']:.4f} | |\n| oracle TopK FVU (true features, k largest true codes) | "
-          f"{oracle_fvu(data, b.k, scale):.4f} | |\n| held-out L0 | {m['l0']:.2f} | |")
-    return 0 if rec >= 0.99 and dead_trained < 0.01 else 1
+    out = {"recovery": rec, "frac_ge_099": float((per_feature >= 0.99).float().mean()),
+           "frac_ge_09": float((per_feature >= 0.9).float().mean()), "worst": float(per_feature.min()),
+           "dead_trained": dead_trained, "dead_heldout": m["dead_fraction"], "heldout_fvu": m["fvu"],
+           "oracle_fvu": oracle_fvu(data, b.k, scale), "heldout_l0": m["l0"], "train_seconds": dt}
+    out["table"] = (
+        f"case: d={b.d} features={b.n_features} latents={b.n_latents} k={b.k} avg_active={b.avg_active} "
+        f"(std {active.std():.1f}, max {int(active.max())}) zipf={b.zipf} groups={b.correlated_groups} "
+        f"magnitudes U[{1 - b.mag_spread:g}, {1 + b.mag_spread:g}] noise={b.noise}; lr "
+        f"{cfg.peak_lr(b.n_latents):.2g}, {b.steps} steps x {b.batch_size} tokens in {dt:.0f}s on {b.device}, "
+        f"autocast {b.autocast}, tf32 {b.tf32}\n"
+        f"| metric | value | goal |\n|---|---|---|\n| recovery (mean max cos) | {rec:.4f} | >= 0.99 |\n"
+        f"| features with max cos >= 0.99 / >= 0.9 | {out['frac_ge_099']:.3f} / {out['frac_ge_09']:.3f} | |\n"
+        f"| worst feature's max cos | {out['worst']:.4f} | |\n"
+        f"| dead fraction (no firing in the last {b.dead_tokens} training tokens) | {dead_trained:.4f} | < 0.01 |\n"
+        f"| latents never firing on the {m['tokens']} held-out tokens | {m['dead_fraction']:.4f} | |\n"
+        f"| held-out FVU | {m['fvu']:.4f} | |\n| oracle TopK FVU (true features, k largest true codes) | "
+        f"{out['oracle_fvu']:.4f} | |\n| held-out L0 | {m['l0']:.2f} | |")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    b = parse_config(RecoveryBench, argv, description=__doc__)
+    out = run(b)
+    print(out["table"])
+    return 0 if out["recovery"] >= 0.99 and out["dead_trained"] < 0.01 else 1
 
 
 if __name__ == "__main__":

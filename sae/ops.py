@@ -57,7 +57,8 @@ def encoder_linear(x_c: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
 # bench/gpu.py measures the crossover on the card): the gathers move ~3 * B*w*d*2 bytes over fwd+bwd, the dense
 # path does 3 GEMMs of 2*B*n*d FLOPs, so dense should win once w > ~n/160. Measured on the 2-core CPU
 # (`python bench/kernels_cpu.py --auxk-widths 32,128,256,512,1024`, B=1024, n=16384, d=512): dense/sparse time
-# 3.6x at w=n/128, 1.9x at n/64, 0.93x at n/16. LLAMA_SAE_AUXK_PATH=sparse or dense forces one path.
+# 3.3-3.6x at w=n/128, 1.5-2.1x at n/32, 0.93-0.95x at n/16 (two runs). LLAMA_SAE_AUXK_PATH=sparse or dense
+# forces one path.
 DENSE_WIDTH_DIVISOR = {"cuda": 128, "cpu": 16}
 
 

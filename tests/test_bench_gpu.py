@@ -21,13 +21,13 @@ def test_gpu_bench_dry_run(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     sections = report["sections"]
     assert list(sections) == ["env", "zero_sync", "sae_train", "kernel_tests", "capture", "kernels_grid", "topk",
-                              "auxk_paths", "store"]
+                              "auxk_paths", "store", "wgrad", "recovery"]
     assert all(s["status"] == "ok" for s in sections.values()), {k: s["status"] for k, s in sections.items()}
     assert report["card"] == "cpu (dry run)" and report["dry_run"] is True
     assert [row["syncs"] for row in sections["zero_sync"]["rows"]][0] == "none"
     assert sections["zero_sync"]["rows"][0]["aux_width"] > 0  # AuxK was on in the checked steps
     impls = {row["impl"] for row in sections["sae_train"]["rows"]}
-    assert impls == {"ours", "reference"} and any("sparsify unavailable" in n for n in sections["sae_train"]["notes"])
+    assert impls == {"ours"} and any("sparsify unavailable" in n for n in sections["sae_train"]["notes"])
     assert all(row["n_dead"] > 0 and row["tokens_per_s"] > 0 for row in sections["sae_train"]["rows"])
     assert sections["kernel_tests"]["counts"].get("passed", 0) >= 1
     assert not sections["kernels_grid"]["correctness_failures"]
@@ -35,4 +35,5 @@ def test_gpu_bench_dry_run(tmp_path: Path) -> None:
         "ours capture (stop_early)", "ours full forward", "HF output_hidden_states"}
     assert sections["capture"]["max_abs_diff_hf_vs_ours"] < 1e-3
     assert len(sections["store"]["rows"]) == 4 and len(sections["auxk_paths"]["rows"]) == 2
+    assert len(sections["wgrad"]["rows"]) == 2 and 0 <= sections["recovery"]["rows"][0]["recovery"] <= 1
     assert "card: cpu (dry run)" in r.stdout
