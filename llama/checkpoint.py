@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llama.cli import UserError
+from llama.cli import UserError, repo_path
 from llama.checkpoint_files import read_checkpoint
 from llama.cpu import PackedLinear, keep_freed_memory, onednn_available, pack_for_cpu
 from llama.model import Transformer
@@ -25,6 +25,7 @@ from llama.model import Transformer
 def load_model(path: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype | str = torch.float32, pack: bool = True) -> Transformer:
     """Load a Meta- or HF-layout folder (detected) as a Transformer in eval mode on `device` with `dtype`.
+    A relative path that is not there from the current folder is looked up in the checkout ("weights/tiny").
 
     pack: on CPU (bf16 or fp32, oneDNN present, LLAMA_CPU_PACK not 0) run the linear layers through oneDNN, bf16
     weights packed into its layout as they stream in, for faster inference (llama/cpu/linear.py). Packed weights
@@ -36,7 +37,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     packing = pack and dtype == torch.bfloat16  # bf16 linear weights are packed (copied) as they stream in
     if device.type == "cpu":
         keep_freed_memory()
-    src = read_checkpoint(Path(path))
+    src = read_checkpoint(repo_path(path))
     with torch.device("meta"):  # shapes only, no memory
         model = Transformer(src.args)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

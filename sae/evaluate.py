@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llama.cli import UserError, atomic_write_bytes, atomic_write_json, save_config
+from llama.cli import UserError, atomic_write_bytes, atomic_write_json, repo_path, save_config
 from sae.loss import ce_loss_recovered, fire_counts, usage
 from sae.model import SAE
 
@@ -164,7 +164,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.text:
         import llama
         from sae.activations.inputs import expand_inputs, iter_documents
-        model_dir = cfg.model or sae.cfg.model
+        model_dir = str(repo_path(cfg.model or sae.cfg.model))
         if not model_dir or not Path(model_dir).exists():
             raise UserError(f"--model {model_dir!r}: no such model folder (needed for the LM metrics)")
         model = llama.load_model(model_dir, device=cfg.device, dtype=torch.float32)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from llama.cli import parse_config, save_config
+from llama.cli import parse_config, repo_path, save_config
 
 
 @dataclass
@@ -57,7 +57,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "demo_config.json")
-    text = cfg.text or str(Path(cfg.model) / "heldout.txt")
+    text = cfg.text or str(repo_path(cfg.model) / "heldout.txt")  # every stage finds weights/tiny from any folder
     store, train_dir = out / "activations", out / "sae"
     progress = ["--progress", str(cfg.progress)]
 
@@ -67,13 +67,15 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
 
     argv = ["--store", str(store), "--out", str(train_dir), "--expansion", str(cfg.expansion), "--k", str(cfg.k),
             "--steps", str(cfg.steps), "--batch-size", str(cfg.batch_size), "--dead-tokens", str(cfg.dead_tokens),
-            "--device", cfg.device, *progress]
+            "--device", cfg.device, "--overwrite", *progress]  # a rerun of the demo retrains its SAE
     tcfg = _stage("2/5 train a TopK SAE", "train_sae.py", TrainConfig, argv)
     info = dist.init(tcfg.device)
     try:
-        train(tcfg, open_source(tcfg.store), info)
+        stopped = train(tcfg, open_source(tcfg.store), info).stopped
     finally:
         dist.cleanup()
+    if stopped:  # Ctrl-C: the trainer wrote its checkpoint and said so; the demo ends here
+        raise KeyboardInterrupt
     sae_dir = train_dir / "sae"
 
     argv = ["--sae", str(sae_dir), "--store", str(store), "--model", cfg.model, "--text", text, "--device", cfg.device]

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from llama.cli import UserError, atomic_write_json, parse_config, run_main, save_config  # noqa: E402
+from llama.cli import UserError, atomic_write_json, parse_config, repo_path, run_main, save_config  # noqa: E402
 
 CHECKPOINT_MARKERS = ("params.json", "config.json")
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from llama.generate import chat_completion, text_completion
     from llama.tokenizer import Tokenizer
 
-    require_checkpoint(Path(cfg.model))
+    require_checkpoint(repo_path(cfg.model))  # weights/tiny from any folder
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")

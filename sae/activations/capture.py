@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llama.cli import REPO, UserError, atomic_write_json, config_to_dict, progress_bar, save_config
+from llama.cli import UserError, atomic_write_json, config_to_dict, progress_bar, repo_path, save_config
 from sae.activations import store_format as fmt
 from sae.activations.inputs import count_documents, expand_inputs, file_fingerprint, iter_documents
 from sae.activations.packing import PackSpec, plan_batches, prefetch
@@ -75,9 +75,7 @@ ROW_SETTINGS = ("mode", "ctx_len", "bos", "keep_bos", "txt_docs", "text_field", 
 
 def resolve(cfg: CaptureConfig) -> CaptureConfig:
     """Fill the defaults that depend on other fields (inputs, out, device, dtype)."""
-    model = Path(cfg.model)
-    if cfg.model == DEFAULT_MODEL and not model.exists():  # run from another folder: the embedded model
-        model = REPO / DEFAULT_MODEL
+    model = repo_path(cfg.model)  # weights/tiny (or weights/<yours>) from any folder
     if not model.exists():
         hint = " (the embedded tiny model ships in weights/tiny)" if cfg.model == DEFAULT_MODEL else ""
         raise UserError(f"--model {cfg.model} does not exist{hint}")

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Protocol
 
-from llama.cli import UserError
+from llama.cli import UserError, repo_path
 from sae.analysis.http import HTTPClient, HTTPFailure
 
 BACKENDS = ("openai", "anthropic", "anthropic-batch", "llama", "dry-run")
@@ -169,7 +169,7 @@ class LlamaBackend:
         import llama
         from llama.chat import ChatFormat
         if model is None:
-            if not model_dir or not Path(model_dir).is_dir():
+            if not model_dir or not repo_path(model_dir).is_dir():
                 raise UserError(f"--model {model_dir!r}: not a model folder (the llama backend needs a checkpoint "
                                 "folder, ideally an instruct model, in Meta or HF layout)")
             import torch
