@@ -26,6 +26,6 @@ try:
     __all__ += ["Tokenizer", "ChatFormat"]
 except ImportError:  # pragma: no cover
     pass
-from llama import generate  # noqa: E402  (llama.generate.text_completion(...) after a bare `import llama`)
+from llama import generate  # noqa: E402, F401  (llama.generate.text_completion(...) after a bare `import llama`)
 
 __all__.append("generate")

@@ -20,20 +20,23 @@ from llama.cli import UserError, atomic_write_bytes, atomic_write_json, repo_pat
 from sae.loss import ce_loss_recovered, fire_counts, usage
 from sae.model import SAE
 
+MAX_TOKENS = 1 << 20  # held-out rows for the activation metrics: the whole validation split up to this many
+
 
 @torch.no_grad()
-def activation_metrics(sae: SAE, source: Any, batch_size: int = 4096, max_batches: int = 64, split: str = "val",
-                       point: str | None = None, bins: int = 20) -> dict[str, Any]:
-    """Pooled over up to `max_batches` held-out batches: FVU = sum||x - x_hat||^2 / sum||x - mean||^2."""
+def activation_metrics(sae: SAE, source: Any, batch_size: int = 4096, max_tokens: int = MAX_TOKENS,
+                       split: str = "val", point: str | None = None, bins: int = 20) -> dict[str, Any]:
+    """Pooled over every row of the held-out split, up to `max_tokens` (in store order, read `batch_size` rows at a
+    time): FVU = sum||x - x_hat||^2 / sum||x - mean||^2. "tokens" says how many rows that was."""
     sae.eval()
     n = sae.cfg.n_latents
     counts = torch.zeros(n, dtype=torch.long, device=sae.device)
     err = sxx = 0.0
     sum_x = torch.zeros(sae.cfg.d_in, dtype=torch.float64, device=sae.device)
     tokens, l0_sum = 0, 0.0
-    batch_size = min(batch_size, source.num_rows(split))
-    it = source.batches(batch_size, split=split, seed=0, device=sae.device, loop=False, point=point)
-    for _, x in zip(range(max_batches), it):
+    n_rows = min(source.num_rows(split), max_tokens)
+    for i0 in range(0, n_rows, batch_size):
+        x = source.rows(i0, min(i0 + batch_size, n_rows), split=split, point=point).to(sae.device, torch.float32)
         acts, idx = sae.encode(x)
         x_hat = sae.decode(acts, idx, like=x).float()
         xd = x.double()
@@ -141,7 +144,8 @@ class EvalConfig:
     max_seqs: int = field(default=64, metadata={"help": "held-out sequences for the LM metrics"})
     lm_batch_size: int = 8
     act_batch_size: int = 4096
-    max_batches: int = field(default=64, metadata={"help": "held-out activation batches"})
+    max_tokens: int = field(default=MAX_TOKENS, metadata={"help": "held-out rows for L0/FVU/dead/dense: the store's "
+                                                                  "whole validation split, up to this many"})
     out: str = field(default="", metadata={"help": "output folder (default: the SAE folder)"})
     device: str = "cpu"
 
@@ -159,8 +163,11 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
         point = sae.cfg.hook_name or None
         store = open_store(cfg.store)
         points = store.manifest.get("points") or []
-        metrics.update(activation_metrics(sae, store, cfg.act_batch_size, cfg.max_batches,
+        metrics.update(activation_metrics(sae, store, cfg.act_batch_size, cfg.max_tokens,
                                           point=point if point in points else None))
+        capped = ", capped by --max-tokens" if metrics["tokens"] == cfg.max_tokens < store.num_rows("val") else ""
+        print(f"L0, FVU, dead/dense on {metrics['tokens']:,} held-out tokens: the validation split of {cfg.store} "
+              f"({store.val_fraction:.0%} of its documents{capped})")
     if cfg.text:
         import llama
         from sae.activations.inputs import expand_inputs, iter_documents
@@ -177,4 +184,5 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     atomic_write_json(out / "eval.json", metrics)
     atomic_write_bytes(out / "eval.txt", (format_table(metrics) + "\n").encode())
     save_config(cfg, out / "eval_config.json")
+    print(f"wrote {out / 'eval.json'}, eval.txt and eval_config.json{' (into the SAE folder)' if not cfg.out else ''}")
     return metrics

@@ -20,6 +20,8 @@ class DemoConfig:
     text: str = field(default="", metadata={"help": "text to capture and evaluate on (default: <model>/heldout.txt)"})
     out: str = field(default="runs/demo", metadata={"help": "output folder for every stage"})
     point: str = field(default="", metadata={"help": "capture point (default: resid_post at ~2/3 depth)"})
+    val_fraction: float = field(default=0.25, metadata={"help": "documents held out for validation and the FVU (the "
+                                                                "tiny text is small: a quarter gives ~6k tokens)"})
     expansion: int = field(default=8, metadata={"help": "n_latents = expansion * d_model"})
     k: int = field(default=16, metadata={"help": "active latents per token"})
     steps: int = field(default=1500, metadata={"help": "SAE optimizer steps"})
@@ -61,7 +63,8 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     store, train_dir = out / "activations", out / "sae"
     progress = ["--progress", str(cfg.progress)]
 
-    argv = ["--model", cfg.model, "--inputs", text, "--out", str(store), "--device", cfg.device, *progress]
+    argv = ["--model", cfg.model, "--inputs", text, "--out", str(store), "--val-fraction", str(cfg.val_fraction),
+            "--overwrite", "--device", cfg.device, *progress]  # --overwrite: a store of other settings is replaced
     run_capture(_stage("1/5 capture the residual stream", "capture.py", CaptureConfig,
                        argv + (["--points", cfg.point] if cfg.point else [])))
 

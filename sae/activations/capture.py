@@ -64,13 +64,16 @@ class CaptureConfig:
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:1 ... (auto: cuda if available)"})
     dtype: str = field(default="auto", metadata={"choices": ["auto", "float32", "bfloat16", "float16"],
                                                 "help": "model compute dtype (auto: bf16 on cuda, fp32 on cpu)"})
+    val_fraction: float = field(default=0.05, metadata={"help": "share of documents held out as the store's validation "
+                                                                "split (SAE validation, evaluation FVU)"})
     overwrite: bool = field(default=False, metadata={"help": "replace a store of another model/point/setting"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
 
 # settings that change which rows (or which values) the store holds: a resume must match them all
 ROW_SETTINGS = ("mode", "ctx_len", "bos", "keep_bos", "txt_docs", "text_field", "max_docs", "batch_tokens",
-                "max_batch", "pack_contexts", "shard_rows", "dtype")
+                "max_batch", "pack_contexts", "shard_rows", "dtype", "val_fraction")
+DEFAULTS_OF_OLDER_STORES = {"val_fraction": 0.05}  # settings that stores written before them implicitly had
 
 
 def resolve(cfg: CaptureConfig) -> CaptureConfig:
@@ -86,6 +89,8 @@ def resolve(cfg: CaptureConfig) -> CaptureConfig:
     for name in ("ctx_len", "batch_tokens", "max_batch", "pack_contexts", "shard_rows", "queue_size"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise UserError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
     if cfg.ctx_len < 2 and cfg.bos:
         raise UserError("--ctx-len must be at least 2 when a BOS is prepended")
     if cfg.batch_tokens < cfg.ctx_len:
@@ -139,6 +144,8 @@ def prepare_store(out: Path, plan: dict, overwrite: bool, is_writer: bool) -> st
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
     old = fmt.read_json(out / fmt.PLAN) if (out / fmt.PLAN).exists() else None
+    if old is not None:
+        old["config"] = {**DEFAULTS_OF_OLDER_STORES, **old.get("config", {})}
     if old is None and out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} is a non-empty folder that is not an activation store; pick an empty or new "
                         f"folder (refusing to write into it even with --overwrite)")
@@ -254,6 +261,7 @@ def _capture(cfg: CaptureConfig, model, tok, rank: int, world: int, device: torc
     if rank != 0:
         return {}
     extra = {"documents": n_docs, "skipped": dict(skipped), "bos": cfg.bos, "keep_bos": cfg.keep_bos,
+             "val_fraction": cfg.val_fraction,
              "mode": cfg.mode, "ctx_len": cfg.ctx_len}
     manifest = write_manifest(out, plan, world, extra)
     print(f"wrote {manifest['rows']:,} rows x {len(points)} point(s) of d_model {model.args.dim} in "

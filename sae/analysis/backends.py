@@ -153,7 +153,7 @@ class AnthropicBatchBackend(AnthropicBackend):
                     results[cid] = Answer(cid, _anthropic_text(res["message"]))
                 else:
                     results[cid] = Answer(cid, None, f"batch result {res.get('type')}: {str(res.get('error'))[:200]}")
-            except (json.JSONDecodeError, KeyError, TypeError, HTTPFailure) as e:
+            except (json.JSONDecodeError, KeyError, TypeError, HTTPFailure):
                 continue  # a broken line: its request is reported missing below
         return [results.get(r.custom_id, Answer(r.custom_id, None, "missing from the batch results"))
                 for r in requests]

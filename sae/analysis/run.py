@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from llama.cli import UserError
+from llama.cli import UserError, repo_path
 from sae.analysis.sources import StoreSource, TextSource
 from sae.analysis.top_contexts import TopContextsConfig, compute_top_contexts
 
