@@ -116,8 +116,8 @@ def build_vocab(meta: dict, path: Path, pre: PreTokenizer) -> Vocab:
 def merge_ranks(meta: dict, path: Path, tokens: list[str], normal: dict[bytes, int],
                 token_bytes: list[bytes]) -> dict[bytes, int]:
     """Single bytes + the tokens the merges make and reach, ranked by id; checks ids follow the merge order."""
-    merges = meta.get("tokenizer.ggml.merges")
-    if not merges:
+    merges = meta.get("tokenizer.ggml.merges") or []
+    if not merges and any(len(b) > 1 for b in normal):
         raise UserError(f"{path}: no tokenizer.ggml.merges (a byte-level BPE vocabulary needs its merges)")
     tid = {t: i for i, t in enumerate(tokens)}
     n = len(tokens)
