@@ -7,6 +7,7 @@ Lines (same text, same run; only the ratios mean anything on a shared machine):
   load           Tokenizer.from_file(gguf) vs transformers' GGUF conversion (AutoTokenizer, gguf_file=...)
   encode docs    one encode call per document (a capture tokenizes this way), ours vs HF's encode, one thread
   encode batch   HF's encode_batch over all documents (its own thread pool) next to ours one by one
+  encode lines   one call per non-empty line (short strings, like a capture's sentences): per-call overhead
   decode         every document's ids back to text
 Both sides produce the same ids (checked); HF uses SmolLM2's own pre-tokenizer (digits split, then ByteLevel).
 """
@@ -78,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
                           cfg.repeats)
     t_batch, batch_ids = best(lambda: [e.ids for e in ref.encode_batch(docs, add_special_tokens=False)],
                               cfg.repeats)
+    lines = [ln for d in docs for ln in d.splitlines() if ln.strip()]
+    t_lines, line_ids = best(lambda: [ours.encode(ln, bos=False, eos=False) for ln in lines], cfg.repeats)
+    t_rlines, ref_line_ids = best(lambda: [ref.encode(ln, add_special_tokens=False).ids for ln in lines],
+                                  cfg.repeats)
+    if line_ids != ref_line_ids:
+        raise SystemExit("ids of a line differ from HF")
     if ids != ref_ids or ids != batch_ids:
         bad = next(i for i, (a, b) in enumerate(zip(ids, ref_ids)) if a != b)
         raise SystemExit(f"ids differ from HF on document {bad}")
@@ -86,10 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     n = sum(map(len, ids))
     print(f"SmolLM2 vocabulary ({ours.n_words} tokens), {len(docs)} documents, {mb:.1f} MB, {n:,} tokens; best of "
           f"{cfg.repeats}")
-    print(f"{'':14} {'ours':>12} {'HF':>12} {'ours/HF speed':>14}")
-    print(f"{'load (s)':14} {t_ours:12.2f} {t_hf:12.2f} {t_hf / t_ours:13.1f}x")
-    for name, a, b in [("encode docs", t_enc, t_ref), ("encode batch", t_enc, t_batch), ("decode", t_dec, t_rdec)]:
-        print(f"{name + ' (MB/s)':14} {mb / a:12.2f} {mb / b:12.2f} {b / a:13.2f}x")
+    print(f"{'':20} {'ours':>12} {'HF':>12} {'ours/HF speed':>14}")
+    print(f"{'load (s)':20} {t_ours:12.2f} {t_hf:12.2f} {t_hf / t_ours:13.1f}x")
+    for name, a, b in [("encode docs", t_enc, t_ref), ("encode batch", t_enc, t_batch),
+                       ("encode lines", t_lines, t_rlines), ("decode", t_dec, t_rdec)]:
+        print(f"{name + ' (MB/s)':20} {mb / a:12.2f} {mb / b:12.2f} {b / a:13.2f}x")
     return 0
 
 

@@ -185,6 +185,7 @@ class GGUFTokenizer(Tokenizer):
         self.pre_tokenizer, self.pattern = pre_name, pre.pattern
         self.special_tokens = v.specials  # control tokens only: the ones `allowed_special` governs
         self.user_defined = v.user_defined
+        self._always = frozenset(v.user_defined)  # allowed in every encode
         self.token_bytes, self.missing = v.token_bytes, v.missing
         self.model = tiktoken.Encoding(name=file.name, pat_str=pre.pattern, mergeable_ranks=v.ranks,
                                        special_tokens={**v.user_defined, **v.specials})
@@ -218,8 +219,8 @@ class GGUFTokenizer(Tokenizer):
                disallowed_special: SpecialCollection = ()) -> list[int]:
         if not isinstance(s, str):
             raise TypeError(f"encode expects a str, got {type(s).__name__}")
-        chosen = set(self.special_tokens) if allowed_special == "all" else set(allowed_special or ())
-        allowed = chosen | set(self.user_defined)
+        allowed = self._always if not allowed_special else self._always | (
+            frozenset(self.special_tokens) if allowed_special == "all" else frozenset(allowed_special))
         ids = [self.bos_id] if bos else []
         if self.missing and len(b := s.encode("utf-8", "surrogatepass")) != len(b.translate(None, self.missing)):
             ids.extend(self._encode_dropping(s, allowed, disallowed_special))
@@ -230,7 +231,7 @@ class GGUFTokenizer(Tokenizer):
             ids.append(self.eos_id)
         return ids
 
-    def _encode_dropping(self, s: str, allowed: set[str], disallowed_special: SpecialCollection) -> list[int]:
+    def _encode_dropping(self, s: str, allowed: frozenset[str], disallowed_special: SpecialCollection) -> list[int]:
         """Text holding bytes the vocabulary lacks: pre-tokenize in Python, drop those bytes from each piece (as
         HF's BPE drops symbols it has no token for), then tiktoken's BPE per piece."""
         import regex  # tiktoken's own dependency
