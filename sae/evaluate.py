@@ -128,7 +128,8 @@ def lm_metrics(sae: SAE, model: torch.nn.Module, tokens: Tensor, batch_size: int
         act_n += a.shape[0]
     mean_act = (act_sum / act_n).float()
     for tb, ordinary in batches:
-        edits = {"sae": splice(ordinary), "zero": put(ordinary, mean_act.new_zeros(())), "mean": put(ordinary, mean_act)}
+        edits = {"sae": splice(ordinary), "zero": put(ordinary, mean_act.new_zeros(())),
+                 "mean": put(ordinary, mean_act)}
         for name, fn in edits.items():
             total[name] += _ce(model(tb, edit={hook: fn}).logits, tb, ordinary)[0]
     ce = {k: v / count for k, v in total.items()}

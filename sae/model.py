@@ -2,7 +2,7 @@
 
     x_n   = normalise(x)                       (dataset scalar s with E||x s||^2 = d_in, or per-token standardise)
     pre   = W_enc (x_n - b_dec) + b_enc         W_enc is stored like nn.Linear.weight: [n_latents, d_in]
-    z     = TopK(pre), ReLU'd                   (batchtopk: top k*B over the batch; at inference pre > threshold)
+    z     = TopK(pre), ReLU'd                   (batchtopk: top k*B over the global batch; at inference pre > threshold)
     x_hat = denormalise(z W_dec + b_dec)        W_dec [n_latents, d_in], each ROW unit norm
 
 Callers pass raw activations and get raw-space reconstructions. The latent code is carried sparse as
