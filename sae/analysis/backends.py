@@ -169,9 +169,10 @@ class LlamaBackend:
         import llama
         from llama.chat import ChatFormat
         if model is None:
-            if not model_dir or not Path(model_dir).is_dir():
-                raise UserError(f"--model {model_dir!r}: not a model folder (the llama backend needs a checkpoint "
-                                "folder, ideally an instruct model, in Meta or HF layout)")
+            model_dir = str(llama.resolve_model(model_dir)) if model_dir else ""  # a path, or a name: smollm2
+            if not model_dir or not Path(model_dir).exists():
+                raise UserError(f"--model {model_dir!r}: not a model folder or file (the llama backend needs a "
+                                "checkpoint, ideally an instruct model: Meta or HF layout, a .gguf file, or smollm2)")
             import torch
             model = llama.load_model(model_dir, device=device, dtype=torch.float32)
             tokenizer = llama.Tokenizer.from_file(model_dir)
