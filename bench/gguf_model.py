@@ -90,6 +90,9 @@ def gemm_seconds(args: llama.ModelArgs, layers: int, rows: int, dtype: torch.dty
 def capture_comparison(cfg: GGUFBenchConfig, file: Path, hf) -> dict:  # type: ignore[no-untyped-def]
     """In the HF child, after its load was measured: ours vs HF hidden states vs HF cut vs torch.mm, per dtype."""
     layer = int(cfg.point.split(".")[1])
+    if not cfg.point.endswith(".hook_resid_post") or layer >= hf.config.num_hidden_layers - 1:
+        raise UserError(f"--point {cfg.point}: give blocks.<i>.hook_resid_post before the last layer (HF's last "
+                        "hidden state is taken after the final norm)")
     full_layers = hf.model.layers
     cut_layers = torch.nn.ModuleList(list(full_layers)[:layer + 1])
     grabbed: dict[str, torch.Tensor] = {}
@@ -103,10 +106,10 @@ def capture_comparison(cfg: GGUFBenchConfig, file: Path, hf) -> dict:  # type: i
         hf.to(dtype)
 
         def run_ours() -> torch.Tensor:
-            return ours(tokens, capture=[cfg.point], stop_early=True).activations[cfg.point].to(torch.bfloat16)
+            return ours(tokens, capture=[cfg.point], stop_early=True).activations[cfg.point]
 
         def run_hf() -> torch.Tensor:
-            return hf(tokens, output_hidden_states=True).hidden_states[layer + 1].to(torch.bfloat16)
+            return hf(tokens, output_hidden_states=True).hidden_states[layer + 1]
 
         def run_hf_cut() -> torch.Tensor:
             hf.model.layers = cut_layers
@@ -114,7 +117,7 @@ def capture_comparison(cfg: GGUFBenchConfig, file: Path, hf) -> dict:  # type: i
                 hf.model(tokens)
             finally:
                 hf.model.layers = full_layers
-            return grabbed["x"].to(torch.bfloat16)
+            return grabbed["x"]
 
         runs = {"ours": run_ours, "hf": run_hf, "hf_cut": run_hf_cut}
         with torch.inference_mode():
@@ -127,7 +130,7 @@ def capture_comparison(cfg: GGUFBenchConfig, file: Path, hf) -> dict:  # type: i
             for _ in range(cfg.forwards):  # alternate, so drift hits all three alike
                 for name, fn in runs.items():
                     t0 = time.perf_counter()
-                    fn()
+                    fn().to(torch.bfloat16)  # as a store keeps them
                     times[name] = min(times[name], time.perf_counter() - t0)
         times["torch_mm"] = gemm_seconds(ours.args, layer + 1, tokens.numel(), dtype, cfg.forwards)
         out[str(dtype).removeprefix("torch.")] = {k: tokens.numel() / s for k, s in times.items()}

@@ -387,3 +387,17 @@ def test_unexpected_tensor_and_unsupported_rope(tmp_path: Path) -> None:
                  "'yarn'", "not supported")
     odd = np.linspace(1.0, 7.0, DIM // HEADS // 2).astype(np.float32)[::-1].copy()  # no llama3 rule gives this
     expect_error(write_gguf(tmp_path / "r.gguf", extra={"rope_freqs.weight": odd}), "rope_freqs", "Llama 3")
+
+
+def test_bench_runs_and_compares_like_with_like(files: dict[str, Path]) -> None:
+    """bench/gguf_model.py end to end on the small file: both children run and capture the same activations."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "bench" / "gguf_model.py"), "--model", str(files["untied"]),
+                        "--point", "blocks.0.hook_resid_post", "--batch", "2", "--ctx-len", "8", "--forwards", "1",
+                        "--threads", "1"], cwd=root, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    diff = [line for line in r.stdout.splitlines() if "max rel diff" in line]
+    assert diff and float(diff[0].split("max rel diff ")[1].split()[0]) < 1e-4, r.stdout
+    assert "ours/HF" in r.stdout and "bfloat16" in r.stdout and "float32" in r.stdout
