@@ -14,7 +14,9 @@ linear layers are then put in their oneDNN form (llama/cpu/linear.py; bf16 weigh
 from __future__ import annotations
 
 import importlib.util
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -22,6 +24,7 @@ from torch import nn
 from llama.cli import UserError
 from llama.checkpoint_files import is_gguf, read_checkpoint
 from llama.cpu import PackedLinear, keep_freed_memory, onednn_available, pack_for_cpu
+from llama.config import ModelArgs
 from llama.model import Transformer
 
 
@@ -41,8 +44,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     if device.type == "cpu":
         keep_freed_memory()
     src = read_checkpoint(resolve_model(path))
-    with torch.device("meta"):  # shapes only, no memory
-        model = Transformer(src.args)
+    model = meta_transformer(src.args)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     linear_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     tied_output = {"output.weight"} if src.args.tie_embeddings else set()
@@ -81,6 +83,24 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     if pack:
         pack_for_cpu(model)  # the fp32 linears and a tied output: oneDNN on the dense weight
     return model.eval()
+
+
+def meta_transformer(args: ModelArgs) -> Transformer:
+    """Transformer(args) on the meta device: shapes only, no memory, no initialisation (the weights are assigned)."""
+    with torch.device("meta"), _no_embedding_init():
+        return Transformer(args)
+
+
+@contextmanager
+def _no_embedding_init() -> Iterator[None]:
+    """nn.Embedding's normal_ on a meta tensor runs through torch._refs, whose first use imports torch._dynamo and
+    sympy (~150 MB of modules, ~1 s) to initialise values that are thrown away: skip it while building."""
+    reset = nn.Embedding.reset_parameters
+    nn.Embedding.reset_parameters = lambda self: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Embedding.reset_parameters = reset  # type: ignore[method-assign]
 
 
 def model_name(path: str | Path) -> str:

@@ -33,7 +33,6 @@ import torch
 from llama.checkpoint_files import Tensors, _ffn_rule, is_gguf
 from llama.cli import UserError
 from llama.config import ModelArgs
-from llama.model import Transformer
 from llama.rope import rope_frequencies
 
 GGUF_TO_META = {  # GGUF name (layer index as {}) -> our (= Meta's) name
@@ -200,8 +199,8 @@ def meta_to_gguf(name: str) -> str:
 
 def _plan(tensors: dict[str, Any], args: ModelArgs, file: Path) -> list[tuple[str, Any]]:
     """(our name, GGUF tensor) for every weight, after checking names, shapes against the metadata, and types."""
-    with torch.device("meta"):  # shapes only, no memory
-        expected = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
+    from llama.checkpoint import meta_transformer
+    expected = {k: tuple(v.shape) for k, v in meta_transformer(args).state_dict().items()}
     if args.tie_embeddings:
         del expected["output.weight"]  # the same Parameter as tok_embeddings
     plan, dequantizable = [], _dequantizable_types()
