@@ -61,9 +61,8 @@ def read_gguf(file: Path) -> Tensors:
     reader = open_gguf(file)
     tensors = {t.name: t for t in reader.tensors}
     args = gguf_args(reader, tensors, file)
+    reader.fields.clear()  # the metadata (~100k tokenizer strings as numpy views, ~150 MB) is read: let it go
     plan = _plan(tensors, args, file)
-
-    reader.fields.clear()  # the tokenizer's ~100k strings as numpy views: ~150 MB we no longer need
 
     def stream() -> Iterator[tuple[str, torch.Tensor, Path]]:
         for name, t in plan:
@@ -193,6 +192,7 @@ def gguf_to_meta(name: str, file: Path) -> str:
 
 
 def meta_to_gguf(name: str) -> str:
+    """`layers.7.feed_forward.w3.weight` -> `blk.7.ffn_up.weight` (for messages naming what a file lacks)."""
     m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
     return META_TO_GGUF[f"layers.{{}}.{m.group(2)}"].format(m.group(1)) if m else META_TO_GGUF[name]
 
@@ -216,11 +216,12 @@ def _plan(tensors: dict[str, Any], args: ModelArgs, file: Path) -> list[tuple[st
             raise UserError(f"{file}: tensor {gguf_name!r} has shape {list(shape)} but the metadata (llama.* keys) "
                             f"implies {list(expected[name])}")
         if not dequantizable(t.tensor_type):
-            import gguf
+            from importlib.metadata import version
             raise UserError(f"{file}: tensor {gguf_name!r} has type {t.tensor_type.name}, which the installed gguf "
-                            f"package ({getattr(gguf, '__version__', 'this version')}) cannot dequantize")
+                            f"package ({version('gguf')}) cannot dequantize")
         plan.append((name, t))
-    missing = [meta_to_gguf(k) for k in expected if k not in {n for n, _ in plan}]
+    found = {name for name, _ in plan}
+    missing = [meta_to_gguf(k) for k in expected if k not in found]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise UserError(f"{file}: tensor(s) {', '.join(missing[:3])}{more} missing")
