@@ -12,7 +12,8 @@ Two fresh child processes (peak memory is then that loader's alone):
            HF hidden     HF forward with output_hidden_states=True, hidden_states[layer + 1] (all layers + lm_head)
            HF cut        HF's base model with its layers cut after the point (no lm_head): the strongest HF peer
            torch.mm      the linear layers' GEMMs alone, up to the point, as plain torch.mm at the same shapes: what
-                         this CPU's GEMM allows; ours as a fraction of it is shown
+                         this CPU's GEMM allows; ours as a fraction of it is shown (in fp32 it can exceed 1:
+                         ours runs oneDNN's GEMM, faster than torch.mm's BLAS at these shapes)
          each in bfloat16 and float32 (HF's fp32 model cast with .to; ours loaded again in bf16, oneDNN-packed).
 Rows are the B x T tokens of random-id batches of capture's shape; best of --forwards timed runs. The captured
 activations of ours and HF are compared (fp32) so both sides compute the same thing. Goal (issue 11): capture
