@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llama.cli import UserError, atomic_write_bytes, atomic_write_json, repo_path, save_config
+from llama.cli import UserError, atomic_write_bytes, atomic_write_json, save_config
 from sae.loss import ce_loss_recovered, fire_counts, usage
 from sae.model import SAE
 
@@ -175,7 +175,8 @@ class EvalConfig:
     """Flags of `scripts/evaluate.py`."""
     sae: str = field(default="", metadata={"help": "SAE folder (cfg.json + sae_weights.safetensors)"})
     store: str = field(default="", metadata={"help": "activation store: L0/FVU/dead/dense on its held-out split"})
-    model: str = field(default="", metadata={"help": "Llama folder for CE-loss recovered (default: the SAE's model)"})
+    model: str = field(default="", metadata={"help": "Llama folder, .gguf file or name (smollm2) for CE-loss "
+                                                    "recovered (default: the SAE's model)"})
     text: list[str] = field(default_factory=list, metadata={"help": "held-out text files (.txt/.jsonl/.parquet)"})
     seq_len: int = 128
     max_seqs: int = field(default=64, metadata={"help": "held-out sequences for the LM metrics"})
@@ -208,9 +209,9 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.text:
         import llama
         from sae.activations.inputs import expand_inputs, iter_documents
-        model_dir = str(repo_path(cfg.model or sae.cfg.model))
+        model_dir = str(llama.resolve_model(cfg.model or sae.cfg.model)) if (cfg.model or sae.cfg.model) else ""
         if not model_dir or not Path(model_dir).exists():
-            raise UserError(f"--model {model_dir!r}: no such model folder (needed for the LM metrics)")
+            raise UserError(f"--model {model_dir!r}: no such model folder or file (needed for the LM metrics)")
         model = llama.load_model(model_dir, device=cfg.device, dtype=torch.float32)
         tok = llama.Tokenizer.from_file(model_dir)
         tokens = tokenize_documents(tok, iter_documents(expand_inputs(list(cfg.text))), cfg.seq_len, cfg.max_seqs)

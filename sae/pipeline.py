@@ -11,12 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from llama.cli import parse_config, repo_path, save_config
+from llama.cli import parse_config, save_config
 
 
 @dataclass
 class DemoConfig:
-    model: str = field(default="weights/tiny", metadata={"help": "model folder (Meta or HF layout)"})
+    model: str = field(default="weights/tiny", metadata={"help": "model folder (Meta or HF layout), .gguf file, "
+                                                                 "or a name: smollm2"})
     text: str = field(default="", metadata={"help": "text to capture and evaluate on (default: <model>/heldout.txt)"})
     out: str = field(default="runs/demo", metadata={"help": "output folder for every stage"})
     point: str = field(default="", metadata={"help": "capture point (default: resid_post at ~2/3 depth)"})
@@ -59,7 +60,12 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "demo_config.json")
-    text = cfg.text or str(repo_path(cfg.model) / "heldout.txt")  # every stage finds weights/tiny from any folder
+    from llama.checkpoint import resolve_model
+    from llama.cli import UserError
+    if not cfg.text and resolve_model(cfg.model).is_file():
+        raise UserError(f"--text: give the text to capture and evaluate on (--model {cfg.model} is a file, with no "
+                        "heldout.txt beside it)")
+    text = cfg.text or str(resolve_model(cfg.model) / "heldout.txt")  # every stage finds weights/tiny from any folder
     store, train_dir = out / "activations", out / "sae"
     progress = ["--progress", str(cfg.progress)]
 

@@ -24,7 +24,8 @@ from llama.cli import UserError, atomic_write_json, parse_config, run_main, save
 @dataclass
 class SteerConfig:
     sae: str = field(default="", metadata={"help": "SAE folder (cfg.json + sae_weights.safetensors)"})
-    model: str = field(default="weights/tiny", metadata={"help": "model folder the SAE was trained on"})
+    model: str = field(default="weights/tiny", metadata={"help": "model the SAE was trained on (folder, .gguf "
+                                                                 "file, or a name: smollm2)"})
     tokenizer: str = field(default="", metadata={"help": "tokenizer file or folder (default: --model)"})
     labels: str = field(default="", metadata={"help": "labels.json (steer by label text)"})
     prompt: list[str] = field(default_factory=lambda: ["Once upon a time"], metadata={"help": "prompts (a batch)"})

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llama.cli import UserError, atomic_write_json, config_to_dict, progress_bar, repo_path, save_config
+from llama.checkpoint import resolve_model
+from llama.cli import UserError, atomic_write_json, config_to_dict, progress_bar, save_config
 from sae.activations import store_format as fmt
 from sae.activations.inputs import count_documents, expand_inputs, file_fingerprint, iter_documents
 from sae.activations.packing import PackSpec, plan_batches, prefetch
@@ -38,7 +39,8 @@ DEFAULT_MODEL = "weights/tiny"
 
 @dataclass
 class CaptureConfig:
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "model folder (Meta or HF layout)"})
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "model folder (Meta or HF layout), .gguf file, or "
+                                                                "a name: smollm2"})
     inputs: list[str] = field(default_factory=list, metadata={
         "help": ".txt/.jsonl/.parquet files, folders or globs (default: <model>/heldout.txt)"})
     out: str = field(default="", metadata={"help": "store folder (default: out/activations/<model name>)"})
@@ -78,12 +80,14 @@ DEFAULTS_OF_OLDER_STORES = {"val_fraction": 0.05}  # settings that stores writte
 
 def resolve(cfg: CaptureConfig) -> CaptureConfig:
     """Fill the defaults that depend on other fields (inputs, out, device, dtype)."""
-    model = repo_path(cfg.model)  # weights/tiny (or weights/<yours>) from any folder
+    model = resolve_model(cfg.model)  # a path (weights/tiny from any folder), or a name such as smollm2
     if not model.exists():
         hint = " (the embedded tiny model ships in weights/tiny)" if cfg.model == DEFAULT_MODEL else ""
         raise UserError(f"--model {cfg.model} does not exist{hint}")
+    if not cfg.inputs and model.is_file():
+        raise UserError(f"--inputs: give the text to capture (--model {cfg.model} is a file, with no heldout.txt)")
     inputs = list(cfg.inputs) or [str(model / "heldout.txt")]
-    out = cfg.out or str(Path("out") / "activations" / model.resolve().name)
+    out = cfg.out or str(Path("out") / "activations" / (model.stem if model.is_file() else model.resolve().name))
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     for name in ("ctx_len", "batch_tokens", "max_batch", "pack_contexts", "shard_rows", "queue_size"):

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Protocol
 
-from llama.cli import UserError, repo_path
+from llama.cli import UserError
 from sae.analysis.http import HTTPClient, HTTPFailure
 
 BACKENDS = ("openai", "anthropic", "anthropic-batch", "llama", "dry-run")
@@ -170,10 +170,10 @@ class LlamaBackend:
         import llama
         from llama.chat import chat_format
         if model is None:
-            p = repo_path(model_dir)  # weights/<model> from any folder
-            if not model_dir or not (p.is_dir() or (p.is_file() and p.suffix.lower() == ".gguf")):
-                raise UserError(f"--model {model_dir!r}: not a model folder or .gguf file (the llama backend needs a "
-                                "checkpoint, ideally an instruct model: Meta or HF layout, or GGUF)")
+            model_dir = str(llama.resolve_model(model_dir)) if model_dir else ""  # a path, or a name: smollm2
+            if not model_dir or not Path(model_dir).exists():
+                raise UserError(f"--model {model_dir!r}: not a model folder or file (the llama backend needs a "
+                                "checkpoint, ideally an instruct model: Meta or HF layout, a .gguf file, or smollm2)")
             import torch
             model = llama.load_model(model_dir, device=device, dtype=torch.float32)
             tokenizer = llama.Tokenizer.from_file(model_dir)

@@ -31,7 +31,8 @@ class InterpretConfig:
     out: str = field(default="", metadata={"help": "output folder for labels.json (default: --analysis)"})
     backend: str = field(default="dry-run", metadata={"help": "who writes the labels", "choices": list(BACKENDS)})
     dry_run: bool = field(default=False, metadata={"help": "only write the prompts (same as --backend dry-run)"})
-    model: str = field(default="", metadata={"help": "API model name, or the checkpoint folder for --backend llama"})
+    model: str = field(default="", metadata={"help": "API model name, or for --backend llama the checkpoint (folder, "
+                                                    ".gguf file, or a name: smollm2)"})
     base_url: str = field(default="", metadata={"help": "API base URL (default: the vendor's; e.g. a local server)"})
     api_key_env: str = field(default="", metadata={"help": "env var holding the API key (default per backend)"})
     latents: list[int] = field(default_factory=list, metadata={"help": "latents to label (default: all with contexts)"})

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from llama.cli import UserError, repo_path
+from llama.cli import UserError
 from sae.analysis.sources import StoreSource, TextSource
 from sae.analysis.top_contexts import TopContextsConfig, compute_top_contexts
 
@@ -42,7 +42,7 @@ def run_top_contexts(cfg: TopContextsConfig) -> Path:
     sae_model = sae_pkg.load(cfg.sae, device=device)
     hook = getattr(sae_model.cfg, "hook_name", "")
     store = None
-    model_dir = str(repo_path(cfg.model)) if cfg.model else ""
+    model_dir = str(llama.resolve_model(cfg.model)) if cfg.model else ""  # a path, or a name such as smollm2
     if cfg.store:
         from sae.activations.store import open_store
         store = open_store(cfg.store)

@@ -253,9 +253,10 @@ class Steering(NamedTuple):
 def load_steering(model_dir: str, sae_dir: str, labels: str = "", tokenizer: str = "", device: str = "cpu",
                   dtype: torch.dtype = torch.float32) -> Steering:
     """Model + tokenizer + SAE (+ labels) for steering, checked to belong together."""
-    from llama.checkpoint import load_model
+    from llama.checkpoint import load_model, resolve_model
     from llama.tokenizer import Tokenizer
     from sae.formats import load
+    model_dir = str(resolve_model(model_dir))  # a path, or a name such as smollm2
     model = load_model(model_dir, device=device, dtype=dtype).eval()
     tok = Tokenizer.from_file(tokenizer or model_dir)
     sae = load(sae_dir, device=device).to(device).eval()
