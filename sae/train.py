@@ -17,7 +17,8 @@ from typing import Any, Callable, NamedTuple
 import torch
 
 from llama.cli import UserError, atomic_write_bytes, progress_bar, save_config
-from sae import dist
+from llama.stop import StopSignals
+from sae import dist, train_folder
 from sae.config import SAEConfig, TrainConfig
 from sae.formats import save as save_sae
 from sae.loss import fire_counts, l0, mean_l0, usage
@@ -30,6 +31,7 @@ class TrainResult(NamedTuple):
     step: int
     metrics: dict[str, float]
     out_dir: Path
+    stopped: str = ""  # what stopped the run early (SIGINT, SIGTERM, "another rank"); "" when it ran to the end
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -171,7 +173,7 @@ class Trainer:
         # it stays tight while log_every * batch_size << dead_tokens, e.g. 50 * 4096 vs 10M by default)
         n_dead = int(dead_mask.sum()) if host_reads_free(dead_mask) else self.dead_bound.bound()
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast_enabled(cfg.autocast, dev)):
-            out = sae(x, dead_mask, reduce=dist.all_reduce_sum, n_dead_bound=n_dead)
+            out = sae(x, dead_mask, reduce=dist.all_reduce_sum, gather=dist.all_gather, n_dead_bound=n_dead)
         loss = out.fvu + sae.cfg.aux_coef * out.auxk_loss + out.l1_loss
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -200,28 +202,40 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
+        """Mean over up to val_batches global batches of the batch FVU, and L0 over all their tokens. Each
+        rank's out.fvu is (its numerator) / (global denominator), so their SUM is the global FVU: the per-batch
+        values and the nonzero / token counts are summed across ranks in one all-reduce, on the device."""
         self.sae.eval()
-        fvus, l0s = [], []
+        dev = self.info.device
+        fvu_sum, fired, tokens = (torch.zeros((), dtype=torch.float64, device=dev) for _ in range(3))
+        n = 0
         try:
             it = self.source.batches(self.per_rank, split="val", seed=0, rank=self.info.rank,
-                                     world_size=self.info.world_size, device=self.info.device, loop=False,
+                                     world_size=self.info.world_size, device=dev, loop=False,
                                      point=self.cfg.point or None)
             for _, x in zip(range(self.cfg.val_batches), it):
                 out = self.sae(x, reduce=dist.all_reduce_sum)
-                fvus.append(float(out.fvu))
-                l0s.append(l0(out.top_acts))
+                fvu_sum += out.fvu.double()
+                fired += (out.top_acts > 0).sum()
+                tokens += out.top_acts.shape[0]
+                n += 1
         except UserError:
             pass  # validation split smaller than one batch
         self.sae.train()
-        if not fvus:
+        if not n:
             return {}
-        return {"val_fvu": sum(fvus) / len(fvus), "val_l0": float(dist.all_reduce_sum(torch.tensor(sum(l0s) / len(l0s))))
-                / self.info.world_size}
+        tot = dist.all_reduce_sum(torch.stack([fvu_sum, fired, tokens])).tolist()
+        return {"val_fvu": tot[0] / n, "val_l0": tot[1] / tot[2]}
 
     # ---- the loop --------------------------------------------------------------------------------------
     def run(self, callback: Callable[[int, SAE], None] | None = None) -> TrainResult:
+        """Train to cfg.steps; SIGINT / SIGTERM end it early after the current step, with a checkpoint."""
+        with StopSignals() as self.stop:
+            return self._run(callback)
+
+    def _run(self, callback: Callable[[int, SAE], None] | None = None) -> TrainResult:
         cfg, main = self.cfg, self.info.is_main
-        resumed = cfg.resume and self.load_checkpoint()
+        resumed = train_folder.prepare(self.out, cfg.resume, cfg.overwrite, main) and self.load_checkpoint()
         if not resumed:
             self.init_weights()
         if main:
@@ -234,11 +248,14 @@ class Trainer:
         bar = progress_bar(total=cfg.steps, initial=self.step, disable=not (main and cfg.progress), desc="sae", unit="step")
         metrics: dict[str, float] = {}
         t0, tok0 = time.perf_counter(), self.step
+        halt = dist.StopVote()
         while self.step < cfg.steps:
             step_stats = self.train_step(next(it))
             self.step += 1
             bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:  # the only steps that sync
+            log_now = self.step % cfg.log_every == 0 or self.step == cfg.steps
+            val_now = cfg.val_every and (self.step % cfg.val_every == 0 or self.step == cfg.steps)
+            if log_now:  # (with validation) the only steps that sync
                 metrics = as_floats(step_stats)
                 self.dead_bound.refresh(self.tokens_since_fired)
                 dt = time.perf_counter() - t0
@@ -248,27 +265,48 @@ class Trainer:
                                tokens_per_s=(self.step - tok0) * cfg.batch_size / max(dt, 1e-9))
                 self.window_counts.zero_()
                 self.window_tokens = 0
-                if cfg.val_every and (self.step % cfg.val_every == 0 or self.step == cfg.steps):
-                    metrics.update(self.validate())
+            if val_now:  # on its own schedule, not only on steps that are also logging steps
+                metrics.update(self.validate(), step=self.step)
+            if log_now or val_now:
                 log.write(metrics)
+            if log_now:
                 bar.set_postfix(fvu=f"{metrics['fvu']:.4f}", l0=f"{metrics['l0']:.1f}", dead=f"{metrics['dead']:.3f}")
             if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.steps:
                 self.save_checkpoint()
             if callback is not None:
                 callback(self.step, self.sae)
+            if halt(bool(self.stop)):
+                break
+        halt.close()
         bar.close()
         log.close()
+        if halt.stopped and self.step < cfg.steps:
+            return self._stopped(metrics)
         final = self.final_sae()
         if main:
             save_sae(final, self.out / "sae", extra={"train_steps": self.step, "train_tokens": self.step * cfg.batch_size})
         dist.barrier()
         return TrainResult(final, self.step, metrics, self.out)
 
+    def _stopped(self, metrics: dict[str, float]) -> TrainResult:
+        """After a signal: checkpoint (unless this step just wrote one) and say where the run stands."""
+        if not (self.cfg.ckpt_every and self.step % self.cfg.ckpt_every == 0):
+            self.save_checkpoint()
+        why = self.stop.name or "a signal on another rank"
+        if self.info.is_main:
+            print(f"stopped by {why} after step {self.step} of {self.cfg.steps}; checkpoint written to "
+                  f"{self.ckpt_path} ({self.out / 'sae'} is written when the run finishes)", flush=True)
+        return TrainResult(self.sae, self.step, metrics, self.out, stopped=self.stop.name or "another rank")
+
     def final_sae(self) -> SAE:
+        """The trained SAE, or with --ema-decay the EMA of its weights. An average of unit-norm decoder rows is
+        shorter than 1, so the EMA SAE's rows are put back on the unit sphere (the projection every training
+        step applies), as every reader of the file assumes (steering strengths, AuxK, format folding)."""
         if self.ema is None:
             return self.sae
         sae = SAE(self.sae.cfg, device=self.info.device)
         sae.load_state_dict({**self.sae.state_dict(), **self.ema})
+        sae.normalize_decoder()
         return sae
 
 

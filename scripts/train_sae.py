@@ -6,6 +6,8 @@
 --store is a store folder (scripts/capture.py) or a .pt file holding one [rows, d_model] tensor.
 Writes OUT/sae/ (SAELens-style cfg.json + sae_weights.safetensors), OUT/checkpoint.pt, OUT/metrics.jsonl,
 OUT/train_config.json. Re-run the same command with --resume to continue exactly where a killed run stopped.
+Ctrl-C (or SIGTERM) finishes the current step, writes OUT/checkpoint.pt and prints the command that resumes.
+An --out that already holds a run is refused: --resume continues it, --overwrite replaces it and its results.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 from llama.cli import parse_config, run_main  # noqa: E402
+from llama.stop import rerun_command  # noqa: E402
 from sae import dist  # noqa: E402
 from sae.config import TrainConfig  # noqa: E402
 from sae.activations.source import open_source  # noqa: E402
@@ -29,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         source = open_source(cfg.store)
         res = train(cfg, source, info)
+        if res.stopped:  # Ctrl-C / SIGTERM: a checkpoint was written and the trainer said where
+            if info.is_main:
+                print(f"resume with: {rerun_command()}", flush=True)
+            return 130 if res.stopped == "SIGINT" else 143
         if info.is_main:
             keys = ("step", "fvu", "l0", "auxk", "dead", "dense", "val_fvu", "val_l0", "tokens_per_s")
             print("\n".join(f"{k:>14}: {res.metrics[k]:.6g}" for k in keys if k in res.metrics))
