@@ -87,12 +87,15 @@ def decode_by_width(top_acts: Tensor, top_indices: Tensor, W_dec: Tensor) -> Ten
 def sparse_outer(g: Tensor, idx: Tensor, x: Tensor, n_rows: int) -> Tensor:
     """[n_rows, d] with row i = sum over (b, j) with idx[b, j] == i of g[b, j] * x[b]: the W_dec gradient of
     sparse_decode with grad_out = x, computed directly (`kernels.decode_weight_grad`: a sorted per-latent segment
-    sum), or as sparse(g)^T @ x through a dense [B, n] matrix when the code is wide (use_dense)."""
-    g = g.detach().to(x.dtype)
-    if use_dense(idx.shape[-1], n_rows, x.device):
-        dense = x.new_zeros(x.shape[0], n_rows).scatter_add_(1, idx, g)
-        return dense.T @ x
-    return kernels.decode_weight_grad(x, g, idx, n_rows)
+    sum; deterministic)."""
+    return kernels.decode_weight_grad(x, g.detach().to(x.dtype), idx, n_rows)
+
+
+def dense_outer(g: Tensor, idx: Tensor, x: Tensor, n_rows: int) -> Tensor:
+    """sparse_outer for a wide code whose rows hold DISTINCT indices (a top-k's): sparse(g)^T @ x as one GEMM
+    through the dense [B, n] matrix, built by `scatter` (no two writes meet, so no atomics and no order)."""
+    dense = x.new_zeros(x.shape[0], n_rows).scatter_(1, idx, g.detach().to(x.dtype))
+    return dense.T @ x
 
 
 def latent_sums(g: Tensor, idx: Tensor, n_rows: int) -> Tensor:
@@ -168,7 +171,14 @@ class _SparseEncode(torch.autograd.Function):
         g = (torch.cat([ga.float(), gx.float()], 1) * pos).to(x_c.dtype)
         need_x, need_bdec, need_W, need_benc = ctx.needs_input_grad[:4]
         grad_x = sparse_decode(g, idx, W_enc) if need_x else None
-        grad_W = sparse_outer(g, idx, x_c, W_enc.shape[0]).to(W_enc.dtype) if need_W else None
+        grad_W = None
+        if need_W:
+            n, w = W_enc.shape[0], idx.shape[1] - k
+            if w and use_dense(w, n, x_c.device):  # wide AuxK: its block (distinct per row) as a dense GEMM
+                grad_W = sparse_outer(g[:, :k], idx[:, :k], x_c, n) + dense_outer(g[:, k:], idx[:, k:], x_c, n)
+            else:
+                grad_W = sparse_outer(g, idx, x_c, n)
+            grad_W = grad_W.to(W_enc.dtype)
         grad_b = grad_bdec = None
         if need_benc or need_bdec:
             grad_b = latent_sums(g.float(), idx, W_enc.shape[0])

@@ -266,6 +266,8 @@ class Trainer:
                 self.window_counts.zero_()
                 self.window_tokens = 0
             if val_now:  # on its own schedule, not only on steps that are also logging steps
+                if not log_now:
+                    metrics = as_floats(step_stats)
                 metrics.update(self.validate(), step=self.step)
             if log_now or val_now:
                 log.write(metrics)
