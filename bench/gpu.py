@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     report["card"] = card
     report["total_seconds"] = round(time.perf_counter() - t_start, 1)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", card).strip("-").lower()
-    out = Path(cfg.out) if cfg.out else ROOT / "bench" / "results" / f"gpu-{slug}-{datetime.date.today()}.json"
+    results = ctx.tmp if cfg.dry_run else ROOT / "bench" / "results"  # a dry run never writes into the repo
+    out = Path(cfg.out) if cfg.out else results / f"gpu-{slug}-{datetime.date.today()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, report)
     print(f"\ncard: {card}; total {report['total_seconds']} s; sparsify: {report['sparsify']}")
