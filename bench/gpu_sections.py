@@ -104,7 +104,7 @@ def kernel_tests(ctx: Ctx) -> dict:
             args += ["-n", "4"]
         except ImportError:
             pass
-    r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60 if ctx.dry else 240)
+    r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300 if ctx.dry else 240)
     counts = _pytest_counts(r.stdout.splitlines()[-1] if r.stdout.strip() else "")
     failed = [ln for ln in r.stdout.splitlines() if ln.startswith(("FAILED", "ERROR"))]
     res = {"returncode": r.returncode, "counts": counts, "failed": failed[:40], "tail": r.stdout[-3000:]}
@@ -208,7 +208,7 @@ def sae_train(ctx: Ctx) -> dict:
             continue
         try:
             rows += [{"impl": who, **{k: v for k, v in r.items() if k != "times"}, "step_ms": [
-                round(1e3 * t, 3) for t in r["times"]]} for r in st.launch(b, who, "", 4, timeout=60 if ctx.dry
+                round(1e3 * t, 3) for t in r["times"]]} for r in st.launch(b, who, "", 1 if ctx.dry else 4, timeout=300 if ctx.dry
                                                                           else 200)]
         except Exception as e:  # noqa: BLE001 - keep the other sides
             notes.append(f"{who} failed: {str(e).strip()[-600:]}")
