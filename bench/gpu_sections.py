@@ -207,9 +207,9 @@ def sae_train(ctx: Ctx) -> dict:
             notes.append(f"sparsify unavailable: {ctx.sparsify_why}")
             continue
         try:
-            rows += [{"impl": who, **{k: v for k, v in r.items() if k != "times"}, "step_ms": [
-                round(1e3 * t, 3) for t in r["times"]]} for r in st.launch(b, who, "", 1 if ctx.dry else 4, timeout=300 if ctx.dry
-                                                                          else 200)]
+            got = st.launch(b, who, "", 1 if ctx.dry else 4, timeout=300 if ctx.dry else 200)
+            rows += [{"impl": who, **{k: v for k, v in r.items() if k != "times"},
+                      "step_ms": [round(1e3 * t, 3) for t in r["times"]]} for r in got]
         except Exception as e:  # noqa: BLE001 - keep the other sides
             notes.append(f"{who} failed: {str(e).strip()[-600:]}")
     res = {"rows": rows, "notes": notes, "table": st.format_cuda_rows(rows, b)}
