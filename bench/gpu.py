@@ -12,7 +12,8 @@ vs LLAMA_SAE_KERNELS=reference vs EleutherAI sparsify), kernel_tests (the kernel
 capture (Llama-3.2-1B shapes, random bf16 weights: ours vs HF output_hidden_states, tokens/s and MFU against the
 card's bf16 peak), kernels_grid (bench/kernels.py correctness + timing, trimmed; decode fwd+bwd vs dense at
 n=2^17), topk (Triton vs torch.topk), auxk_paths (sparse vs dense AuxK decode by width), store (activation store
-on local disk -> device, rows/s and GB/s, and training fed from it). Rerun a part with e.g. --sections capture.
+on local disk -> device, rows/s and GB/s, and training fed from it), wgrad (W_dec-gradient kernel, uniform vs
+skewed indices), recovery (ground-truth benchmark in fp32, TF32, bf16). Rerun a part with --sections capture,...
 
 sparsify: the card's machine has no network. The script uses, in order: an importable `sparsify`, a --target
 install it made before (--sparsify-site), or installs the wheels in --wheelhouse there (pip --no-index --no-deps;
