@@ -21,7 +21,7 @@ from llama.stop import StopSignals
 from sae import dist, train_folder
 from sae.config import SAEConfig, TrainConfig
 from sae.formats import save as save_sae
-from sae.loss import fire_counts, l0, mean_l0, usage
+from sae.loss import fire_counts, mean_l0, usage
 from sae.model import SAE, init_from_sample
 from sae.nosync import DeadLatentBound, host_reads_free
 
