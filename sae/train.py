@@ -99,11 +99,13 @@ class Trainer:
         self.step = 0
 
     # ---- init / checkpoint ---------------------------------------------------------------------------
-    def init_weights(self) -> None:
-        """Scale and b_dec from one sample, identical on every rank (same rows), then broadcast for safety."""
-        rows = min(self.cfg.init_rows, self.source.num_rows("train"))
-        sample = next(iter(self.source.batches(rows, split="train", seed=self.cfg.seed + 1, loop=False,
-                                              point=self.cfg.point or None)))
+    def init_weights(self, sample: torch.Tensor | None = None) -> None:
+        """Scale and b_dec from one sample (default: drawn from the source), identical on every rank (same rows),
+        then broadcast for safety."""
+        if sample is None:
+            rows = min(self.cfg.init_rows, self.source.num_rows("train"))
+            sample = next(iter(self.source.batches(rows, split="train", seed=self.cfg.seed + 1, loop=False,
+                                                  point=self.cfg.point or None)))
         init_from_sample(self.sae, sample, self.cfg.b_dec_init)
         dist.broadcast_module(self.sae)
         if self.ema is not None:
@@ -115,22 +117,23 @@ class Trainer:
                 "tokens_since_fired": self.tokens_since_fired.cpu(), "window_counts": self.window_counts.cpu(),
                 "window_tokens": self.window_tokens, "ema": self.ema, "rng": torch.get_rng_state()}
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, path: Path | None = None) -> None:
         if self.info.is_main:
             buf = io.BytesIO()
             torch.save(self.state(), buf)
-            atomic_write_bytes(self.ckpt_path, buf.getvalue())
+            atomic_write_bytes(path or self.ckpt_path, buf.getvalue())
         dist.barrier()
 
-    def load_checkpoint(self) -> bool:
-        if not self.ckpt_path.is_file():
+    def load_checkpoint(self, path: Path | None = None) -> bool:
+        path = path or self.ckpt_path
+        if not path.is_file():
             return False
         try:
-            st = torch.load(self.ckpt_path, map_location=self.info.device, weights_only=True)
+            st = torch.load(path, map_location=self.info.device, weights_only=True)
         except Exception as e:  # noqa: BLE001
-            raise UserError(f"{self.ckpt_path}: unreadable checkpoint ({e})") from e
+            raise UserError(f"{path}: unreadable checkpoint ({e})") from e
         if SAEConfig.from_dict(st["sae_cfg"]) != self.sae.cfg:
-            raise UserError(f"{self.ckpt_path}: checkpoint SAE config {st['sae_cfg']} differs from the flags given")
+            raise UserError(f"{path}: checkpoint SAE config {st['sae_cfg']} differs from the flags given")
         self.sae.load_state_dict(st["sae"])
         self.opt.load_state_dict(st["optimizer"])
         self.sched.load_state_dict(st["scheduler"])
@@ -216,12 +219,7 @@ class Trainer:
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 dt = time.perf_counter() - t0
-                use = usage(self.window_counts, self.window_tokens)
-                metrics.update(step=self.step, lr=self.sched.get_last_lr()[0], dense=use.dense_fraction,
-                               unfired_window=use.dead_fraction,
-                               tokens_per_s=(self.step - tok0) * cfg.batch_size / max(dt, 1e-9))
-                self.window_counts.zero_()
-                self.window_tokens = 0
+                metrics.update(self.end_window(), tokens_per_s=(self.step - tok0) * cfg.batch_size / max(dt, 1e-9))
                 if cfg.val_every and (self.step % cfg.val_every == 0 or self.step == cfg.steps):
                     metrics.update(self.validate())
                 log.write(metrics)
@@ -237,6 +235,14 @@ class Trainer:
             save_sae(final, self.out / "sae", extra={"train_steps": self.step, "train_tokens": self.step * cfg.batch_size})
         dist.barrier()
         return TrainResult(final, self.step, metrics, self.out)
+
+    def end_window(self) -> dict[str, float]:
+        """step, lr and the dense / never-fired fractions of the logging window, which then starts afresh."""
+        use = usage(self.window_counts, self.window_tokens)
+        self.window_counts.zero_()
+        self.window_tokens = 0
+        return {"step": self.step, "lr": self.sched.get_last_lr()[0], "dense": use.dense_fraction,
+                "unfired_window": use.dead_fraction}
 
     def final_sae(self) -> SAE:
         if self.ema is None:

@@ -138,10 +138,12 @@ def pack_spec(cfg: ContextConfig) -> PackSpec:
 
 
 def context_batches(cfg: ContextConfig, files: list[Path], tok, rank: int = 0, world: int = 1,
-                    keep: Callable[[int], bool] | None = None) -> Iterator[Batch]:
+                    keep: Callable[[int], bool] | None = None, pack_tokens: int = 0) -> Iterator[Batch]:
     """The rank's packed batches of the inputs (documents i % world == rank, filtered by `keep(doc_id)`), tokenized
-    ahead on a loader thread when cfg.prefetch > 0."""
-    stream = plan_batches(iter_documents(files, cfg.txt_docs, cfg.text_field), tok, pack_spec(cfg), rank, world,
+    ahead on a loader thread when cfg.prefetch > 0. pack_tokens > 0: length-sort at most that many tokens at once."""
+    spec = pack_spec(cfg)
+    spec = spec._replace(pack_tokens=pack_tokens) if pack_tokens else spec
+    stream = plan_batches(iter_documents(files, cfg.txt_docs, cfg.text_field), tok, spec, rank, world,
                           cfg.max_docs, keep)
     return prefetch(stream, cfg.prefetch) if cfg.prefetch else stream
 
