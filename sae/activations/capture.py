@@ -24,7 +24,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -138,13 +138,15 @@ def pack_spec(cfg: ContextConfig) -> PackSpec:
 
 
 def context_batches(cfg: ContextConfig, files: list[Path], tok, rank: int = 0, world: int = 1,
-                    keep: Callable[[int], bool] | None = None, pack_tokens: int = 0) -> Iterator[Batch]:
+                    keep: Callable[[int], bool] | None = None, pack_tokens: int = 0,
+                    shuffle: Sequence[int] | None = None) -> Iterator[Batch]:
     """The rank's packed batches of the inputs (documents i % world == rank, filtered by `keep(doc_id)`), tokenized
-    ahead on a loader thread when cfg.prefetch > 0. pack_tokens > 0: length-sort at most that many tokens at once."""
+    ahead on a loader thread when cfg.prefetch > 0. pack_tokens > 0: length-sort at most that many tokens at once;
+    shuffle: seed words of plan_batches' random batch order (None: capture's order)."""
     spec = pack_spec(cfg)
     spec = spec._replace(pack_tokens=pack_tokens) if pack_tokens else spec
     stream = plan_batches(iter_documents(files, cfg.txt_docs, cfg.text_field), tok, spec, rank, world,
-                          cfg.max_docs, keep)
+                          cfg.max_docs, keep, shuffle)
     return prefetch(stream, cfg.prefetch) if cfg.prefetch else stream
 
 

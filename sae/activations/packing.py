@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Callable, Iterable, Iterator, NamedTuple, TypeVar
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -66,8 +66,10 @@ def make_contexts(text: str, tok, mode: str, ctx_len: int, bos: bool) -> list[li
     return out
 
 
-def _pack(items: list[tuple[int, int, list[int]]], spec: PackSpec) -> list[list[tuple[int, int, list[int]]]]:
-    order = sorted(range(len(items)), key=lambda i: (-len(items[i][2]), i))
+def _pack(items: list[tuple[int, int, list[int]]], spec: PackSpec,
+          tie: np.ndarray | None = None) -> list[list[tuple[int, int, list[int]]]]:
+    tie = np.arange(len(items)) if tie is None else tie  # among equal lengths: reading order, or a random one
+    order = sorted(range(len(items)), key=lambda i: (-len(items[i][2]), tie[i]))
     batches, cur = [], []
     for i in order:
         longest = len(items[cur[0]][2]) if cur else len(items[i][2])
@@ -105,16 +107,28 @@ def sink_ids(tok) -> np.ndarray:
 
 
 def plan_batches(docs: Iterable[str], tok, spec: PackSpec, rank: int = 0, world_size: int = 1,
-                 max_docs: int = 0, keep: Callable[[int], bool] | None = None) -> Iterator[Batch]:
+                 max_docs: int = 0, keep: Callable[[int], bool] | None = None,
+                 shuffle: Sequence[int] | None = None) -> Iterator[Batch]:
     """The rank's batches, in order, with the running row offset. `docs` is the full document stream; `keep`
-    (doc_id -> bool) leaves documents out (a held-out split) without changing the ids of the others."""
+    (doc_id -> bool) leaves documents out (a held-out split) without changing the ids of the others.
+    shuffle (seed words): the same batches of each chunk's contexts except that contexts of equal length are
+    packed in a seeded random order and the chunk's batches come out in a seeded random order (store-free
+    training mixes documents so); None: capture's order (longest first, ties in reading order)."""
     skip = 0 if spec.keep_bos else 1
     sinks = None if spec.keep_bos else sink_ids(tok)
     row, items, docs_in_chunk, buffered = 0, [], 0, 0
 
+    chunk = 0
+
     def flush() -> Iterator[Batch]:
-        nonlocal row, items, docs_in_chunk
-        groups = _pack(items, spec)
+        nonlocal row, items, docs_in_chunk, chunk
+        if shuffle is None:
+            groups = _pack(items, spec)
+        else:
+            rng = np.random.default_rng([*shuffle, chunk])
+            groups = _pack(items, spec, rng.permutation(len(items)))
+            groups = [groups[i] for i in rng.permutation(len(groups))]
+        chunk += 1
         total = sum(len(ids) - skip for _, _, ids in items)
         shown = 0.0
         for k, g in enumerate(groups):

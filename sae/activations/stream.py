@@ -7,9 +7,12 @@
 The contexts, BOS handling, tokenizer and forward are capture's own functions (sae/activations/capture.py), so a
 store-free run sees exactly the rows `scripts/capture.py` would store with the same flags; nothing is written.
 
-Data shards. Document i belongs to shard i % S. Shard s's rows are the row stream capture writes as rank s of S
-(sae/activations/packing.py), repeated pass after pass over the inputs; a process runs the shards it is given
-(rank r of W: shards [r S/W, (r+1) S/W)), so S, not the number of ranks, fixes the data.
+Data shards. Document i belongs to shard i % S (held-out documents, the store's validation split, are left out).
+Shard s's rows are the rows capture writes as rank s of S (sae/activations/packing.py: the same contexts packed
+into the same length-sorted batches), in a seeded random order of batches and of equal-length contexts per pass
+(`plan_batches(shuffle=(seed, s, pass))`, so a round mixes the whole chunk's documents, not one long document's
+consecutive windows), repeated pass after pass over the inputs. A process runs the shards it is given (rank r of
+W: shards [r S/W, (r+1) S/W)), so S, not the number of ranks, fixes the data.
 
 The buffer, per shard. Round j is the shard's rows [j R, (j+1) R) with R = buffer_batches * b (b: rows the shard
 gives per step), shuffled by a permutation seeded by (seed, shard, j); step i takes entries [(i % m) b,
@@ -39,7 +42,8 @@ Forward = Callable[[Batch], dict[str, Tensor]]
 
 class StreamBatch(NamedTuple):
     acts: dict[str, Tensor]  # point -> [rows, d_model]
-    doc_id: np.ndarray  # [rows] where each row came from (document, position in its context)
+    doc_id: np.ndarray  # [rows] where each row came from: document, context within it, position in the context
+    ctx: np.ndarray
     pos: np.ndarray
 
 
@@ -47,31 +51,35 @@ class _Pending(NamedTuple):
     start: int  # the shard's row index of acts[...][0]
     acts: dict[str, Tensor]
     doc_id: np.ndarray
+    ctx: np.ndarray
     pos: np.ndarray
 
 
 class ShardBuffer:
-    """One shard's rounds (module docstring). `batches()` returns a fresh pass over the shard's packed batches."""
+    """One shard's rounds (module docstring). `batches(epoch)` is a fresh pass over the shard's packed batches."""
 
-    def __init__(self, batches: Callable[[], Iterator[Batch]], forward: Forward, shard: int, rows: int,
+    def __init__(self, batches: Callable[[int], Iterator[Batch]], forward: Forward, shard: int, rows: int,
                  buffer_batches: int, seed: int, timer: "Timer") -> None:
         self.batches, self.forward, self.shard, self.rows, self.m = batches, forward, shard, rows, buffer_batches
         self.R = rows * buffer_batches
         self.seed, self.timer = seed, timer
         self.it: Iterator[Batch] | None = None
+        self.epoch = -1  # passes over the inputs started
         self.next_row = 0  # the shard's row index of the next batch `it` yields
         self.epoch_rows = 0
         self.pending: _Pending | None = None
         self.round = -1
         self.buf: dict[str, Tensor] = {}
         self.doc_id = np.zeros(self.R, np.int64)
+        self.ctx = np.zeros(self.R, np.int32)
         self.pos = np.zeros(self.R, np.int32)
         self.perm = torch.zeros(0, dtype=torch.long)
 
     def _next_packed(self) -> Batch:
         while True:
             if self.it is None:
-                self.it, self.epoch_rows = self.batches(), 0
+                self.epoch += 1
+                self.it, self.epoch_rows = self.batches(self.epoch), 0
             b = next(self.it, None)
             if b is not None:
                 self.epoch_rows += b.n_rows
@@ -94,7 +102,7 @@ class ShardBuffer:
                     continue  # rows before this round (a resume): tokenized, never run through the model
                 with self.timer.forward(b.n_rows):
                     acts = self.forward(b)
-                self.pending = p = _Pending(start, acts, b.doc_id, b.pos)
+                self.pending = p = _Pending(start, acts, b.doc_id, b.ctx, b.pos)
             i0 = want - p.start
             n = min(len(p.doc_id) - i0, self.R - filled)
             for name, a in p.acts.items():
@@ -102,6 +110,7 @@ class ShardBuffer:
                     self.buf[name] = torch.empty(self.R, a.shape[1], dtype=a.dtype, device=a.device)
                 self.buf[name][filled:filled + n] = a[i0:i0 + n]
             self.doc_id[filled:filled + n] = p.doc_id[i0:i0 + n]
+            self.ctx[filled:filled + n] = p.ctx[i0:i0 + n]
             self.pos[filled:filled + n] = p.pos[i0:i0 + n]
             filled += n
         perm = np.random.default_rng([self.seed, self.shard, j]).permutation(self.R)
@@ -116,7 +125,8 @@ class ShardBuffer:
         idx = self.perm[k * self.rows:(k + 1) * self.rows] if n is None else self.perm[:n]
         dev = next(iter(self.buf.values())).device
         acts = {name: buf[idx.to(dev)] for name, buf in self.buf.items()}
-        return StreamBatch(acts, self.doc_id[idx.numpy()], self.pos[idx.numpy()])
+        i = idx.numpy()
+        return StreamBatch(acts, self.doc_id[i], self.ctx[i], self.pos[i])
 
     def close(self) -> None:
         close = getattr(self.it, "close", None)
@@ -172,7 +182,7 @@ def _concat(parts: list[StreamBatch]) -> StreamBatch:
     if len(parts) == 1:
         return parts[0]
     return StreamBatch({p: torch.cat([b.acts[p] for b in parts]) for p in parts[0].acts},
-                       np.concatenate([b.doc_id for b in parts]), np.concatenate([b.pos for b in parts]))
+                       *(np.concatenate([getattr(b, f) for b in parts]) for f in ("doc_id", "ctx", "pos")))
 
 
 def document_filter(val_fraction: float, held_out: bool = False) -> Callable[[int], bool]:
@@ -191,8 +201,11 @@ def open_stream(cfg: ContextConfig, model, tok, files: list[Path], points: list[
     def forward(b: Batch) -> dict[str, Tensor]:
         return forward_rows(model, b, points, device)
 
-    buffers = [ShardBuffer(lambda s=s: context_batches(cfg, files, tok, s, n_shards, keep), forward, s,
-                           rows_per_shard, buffer_batches, seed, timer) for s in shards]
+    def batches(shard: int, epoch: int) -> Iterator[Batch]:  # each pass packs its chunks in a new random order
+        return context_batches(cfg, files, tok, shard, n_shards, keep, shuffle=(seed, shard, epoch))
+
+    buffers = [ShardBuffer(lambda e, s=s: batches(s, e), forward, s, rows_per_shard, buffer_batches, seed, timer)
+               for s in shards]
     return ActivationStream(buffers, timer, start_step)
 
 
