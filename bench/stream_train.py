@@ -1,0 +1,140 @@
+"""Store-free SAE training vs capture-then-train, on the tiny model (same tokens, same run; only ratios mean anything).
+
+    python bench/stream_train.py                       # speed + quality, ~3 min on 2 shared CPU cores
+    python bench/stream_train.py --seeds 0             # speed only
+    python bench/stream_train.py --model M --inputs data.jsonl --point blocks.15.hook_resid_post --device cuda
+
+Speed (one point, one TopK SAE, the same N x B tokens: one pass over the training documents):
+  capture+train  scripts/capture.py's job into a temp store, then the store path's Trainer for N steps
+  store-free     sae.train_many: the same contexts forwarded on the fly into the shuffle buffer, same N steps
+  forward share  seconds in the model's forward / wall seconds of the store-free run
+  N SAEs         store-free wall time with 2 and 4 SAEs (k = 16, 32, 8, 24) on the point, relative to 1 SAE
+                 (the goal, 4 SAEs < 2x one, needs the forward to dominate; on the tiny model it may not)
+Quality (--seeds): two points trained in ONE store-free run vs the store path (one run per point) with the same
+steps, shapes and seed; both evaluated by sae.evaluate.activation_metrics on the store's held-out split (the same
+documents the store-free run held out). Printed per point: mean and spread over seeds, and the paired difference.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import llama  # noqa: E402
+from llama.cli import parse_config  # noqa: E402
+from sae.activations.capture import CaptureConfig, run_capture  # noqa: E402
+from sae import load  # noqa: E402
+from sae.activations.store import open_store  # noqa: E402
+from sae.config import TrainConfig  # noqa: E402
+from sae.evaluate import activation_metrics  # noqa: E402
+from sae.multi import StreamTrainConfig  # noqa: E402
+from sae.train import train  # noqa: E402
+from sae.train_many import train_many  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class BenchConfig:
+    model: str = str(ROOT / "weights" / "tiny")
+    inputs: list[str] = field(default_factory=list)  # default: <model>/heldout.txt
+    point: str = "blocks.2.hook_resid_post"
+    point2: str = "blocks.1.hook_resid_post"  # the second point of the quality comparison
+    expansion: int = 8
+    k: int = 16
+    batch_size: int = 1024
+    quality_steps: int = 400
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    threads: int = 1
+    device: str = "cpu"
+
+
+def _common(b: BenchConfig, steps: int, seed: int) -> dict:
+    return dict(steps=steps, batch_size=b.batch_size, expansion=b.expansion, seed=seed, log_every=steps,
+                val_every=0, ckpt_every=0, dead_tokens=200_000, init_rows=8192, progress=False, device=b.device)
+
+
+def _stream(b: BenchConfig, out: Path, points: list[str], steps: int, seed: int, ks: list[int], net, tok) -> float:
+    cfg = StreamTrainConfig(model=b.model, inputs=b.inputs, out=str(out), points=points, **{**_common(b, steps, seed),
+                            "expansion": [b.expansion], "k": ks})
+    t0 = time.perf_counter()
+    train_many(cfg, model=net, tok=tok)
+    return time.perf_counter() - t0
+
+
+def _store_train(b: BenchConfig, store: Path, out: Path, point: str, steps: int, seed: int) -> float:
+    cfg = TrainConfig(store=str(store), out=str(out), point=point, k=b.k, **_common(b, steps, seed))
+    t0 = time.perf_counter()
+    train(cfg, open_store(store))
+    return time.perf_counter() - t0
+
+
+def speed(b: BenchConfig, tmp: Path, net, tok) -> None:
+    t0 = time.perf_counter()
+    run_capture(CaptureConfig(model=b.model, inputs=b.inputs, out=str(tmp / "store1"), points=[b.point],
+                              device=b.device, progress=False), model=net, tokenizer=tok)
+    t_cap = time.perf_counter() - t0
+    rows = open_store(tmp / "store1").num_rows("train")
+    steps = -(-rows // b.batch_size)
+    t_train = _store_train(b, tmp / "store1", tmp / "st", b.point, steps, 0)
+    t_sf = _stream(b, tmp / "sf1", [b.point], steps, 0, [b.k], net, tok)
+    m = json.loads((tmp / "sf1" / b.point / f"topk-x{b.expansion}-k{b.k}" / "metrics.jsonl").read_text().splitlines()[-1])
+    tokens = steps * b.batch_size
+    print(f"\n== speed: {tokens:,} tokens ({steps} steps x {b.batch_size}; one pass over {rows:,} training rows), "
+          f"{b.expansion}x latents, k={b.k}")
+    print(f"capture+train   {t_cap + t_train:7.2f} s  ({t_cap:.2f} capture + {t_train:.2f} train)  "
+          f"{tokens / (t_cap + t_train):10,.0f} tok/s")
+    print(f"store-free      {t_sf:7.2f} s  {tokens / t_sf:40,.0f} tok/s   (capture+train) / store-free = "
+          f"{(t_cap + t_train) / t_sf:.2f}")
+    print(f"forward share   {m['forward_fraction']:.0%} of the store-free loop (forward {m['forward_tokens_per_s']:,.0f} "
+          f"tok/s, SAE steps {m['sae_tokens_per_s']:,.0f} tok/s)")
+    one = t_sf
+    for ks in ([b.k, 2 * b.k], [b.k, 2 * b.k, b.k // 2, b.k + b.k // 2]):
+        t = _stream(b, tmp / f"sf{len(ks)}", [b.point], steps, 0, ks, net, tok)
+        print(f"{len(ks)} SAEs (k={ks})  {t:7.2f} s  = {t / one:.2f}x one SAE")
+
+
+def quality(b: BenchConfig, tmp: Path, net, tok) -> None:
+    store = tmp / "store2"
+    run_capture(CaptureConfig(model=b.model, inputs=b.inputs, out=str(store), points=[b.point, b.point2],
+                              device=b.device, progress=False), model=net, tokenizer=tok)
+    st = open_store(store)
+    fvu: dict[tuple[str, str], list[float]] = {}
+    for seed in b.seeds:
+        _stream(b, tmp / f"q{seed}", [b.point, b.point2], b.quality_steps, seed, [b.k], net, tok)
+        for p in (b.point, b.point2):
+            _store_train(b, store, tmp / f"qs{seed}-{p}", p, b.quality_steps, seed)
+            for path, where in (("store", tmp / f"qs{seed}-{p}" / "sae"),
+                                ("store-free", tmp / f"q{seed}" / p / f"topk-x{b.expansion}-k{b.k}" / "sae")):
+                fvu.setdefault((p, path), []).append(activation_metrics(load(where), st, 4096, point=p)["fvu"])
+    print(f"\n== quality: held-out FVU (the store's validation split, {st.num_rows('val'):,} rows), {b.quality_steps} "
+          f"steps x {b.batch_size}, seeds {b.seeds}; two points in one store-free run vs one store run per point")
+    for p in (b.point, b.point2):
+        a, s = fvu[(p, "store")], fvu[(p, "store-free")]
+        d = [y - x for x, y in zip(a, s)]
+        sd = (lambda v: statistics.stdev(v) if len(v) > 1 else float("nan"))
+        print(f"{p:26s} store {statistics.mean(a):.4f} +- {sd(a):.4f}   store-free {statistics.mean(s):.4f} +- "
+              f"{sd(s):.4f}   paired diff {statistics.mean(d):+.4f} +- {sd(d):.4f}  (per seed: "
+              + ", ".join(f"{x:.4f}/{y:.4f}" for x, y in zip(a, s)) + ")")
+
+
+def main(argv: list[str] | None = None) -> None:
+    b = parse_config(BenchConfig, argv, description=__doc__)
+    torch.set_num_threads(b.threads)
+    net, tok = llama.load_model(b.model, device=b.device), llama.Tokenizer.from_file(b.model)
+    with tempfile.TemporaryDirectory(prefix="stream_bench_") as d:
+        speed(b, Path(d), net, tok)
+        if b.seeds:
+            quality(b, Path(d), net, tok)
+
+
+if __name__ == "__main__":
+    main()
