@@ -2,11 +2,12 @@
 
 What lives here is the model a student reads: `config.py` (ModelArgs, presets), `rope.py` (rotary embeddings and
 Llama 3's frequency scaling), `model.py` (RMSNorm, grouped-query attention with a KV cache, SwiGLU, the
-Transformer), `checkpoint.py` + `checkpoint_files.py` (loading Meta, HF and GGUF checkpoints), `tokenizer.py` and
-`chat.py` (tiktoken / SentencePiece / GGUF BPE tokenizers and chat formats), `generate.py` (sampling, streaming)
-and `cli.py` (shared script helpers: dataclass flags, atomic writes, UserError). Two subfolders keep the rest out of
-the way: `cpu/` (CPU inference fast paths behind one narrow seam) and `tiny/` (the embedded tiny model's corpus and
-training recipe, and the random-weight writer). Nothing here imports `sae`.
+Transformer), `checkpoint.py` + `checkpoint_files.py` (loading Meta, HF and GGUF checkpoints), `tokenizer.py` (+
+`tokenizer_gguf.py`, `gguf_metadata.py`) and `chat.py` (tiktoken / SentencePiece / GGUF BPE tokenizers, Llama 3 and
+ChatML chat formats), `generate.py` (sampling, streaming) and `cli.py` (shared script helpers: dataclass flags,
+atomic writes, UserError). Two subfolders keep the rest out of the way: `cpu/` (CPU inference fast paths behind one
+narrow seam) and `tiny/` (the embedded tiny model's corpus and training recipe, and the random-weight writer).
+Nothing here imports `sae`.
 """
 from llama.cli import UserError
 from llama.config import PRESETS, ModelArgs

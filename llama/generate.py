@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 
-from llama.chat import ChatFormat, Message
+from llama.chat import ChatFormat, Message, chat_format
 from llama.cli import UserError
 from llama.model import Transformer
 from llama.tokenizer import Tokenizer
@@ -208,7 +208,8 @@ def text_completion(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[
 
 def chat_completion(model: Transformer, tokenizer: Tokenizer, dialogs: Sequence[Sequence[Message]],
                     max_new_tokens: int = 256, *, stream: bool = False, **kw) -> list[Completion] | Iterator[TextChunk]:
-    """Answer each dialog ([{"role", "content"}, ...]) as the assistant, in Llama 3's chat format."""
-    fmt = ChatFormat(tokenizer)
+    """Answer each dialog ([{"role", "content"}, ...]) as the assistant, in the model's chat format (Llama 3's or
+    ChatML, `llama.chat.chat_format`)."""
+    fmt = chat_format(tokenizer) or ChatFormat(tokenizer)  # no chat tokens: ChatFormat says what is missing
     ids = [fmt.encode_dialog_prompt(d) for d in dialogs]
     return _complete(model, tokenizer, ids, max_new_tokens, stream, **kw)

@@ -56,6 +56,9 @@ def split_long_runs(s: str, max_run: int) -> Iterator[str]:
     A run of length L starting at p is cut at p + max_run, p + 2*max_run, ...; pieces otherwise stay mixed.
     Same cut points as Meta's per-character loop, found with a regex (`\\s` is str.isspace for str patterns).
     """
+    if len(s) <= max_run:  # nothing to cut (most calls: a sentence, a document)
+        yield s
+        return
     start = 0
     for m in re.finditer(r"\s+|\S+", s):
         for cut in range(m.start() + max_run, m.end(), max_run):
@@ -90,8 +93,12 @@ class Tokenizer(ABC):
     @staticmethod
     def from_file(path: str | Path) -> "Tokenizer":
         """Load `path`: a tokenizer.model file (tiktoken BPE text or SentencePiece), an HF tokenizer.json of a
-        Llama 3 tokenizer, or a folder holding one of them (tokenizer.model, original/tokenizer.model, tokenizer.json)."""
+        Llama 3 tokenizer, a GGUF model file (its tokenizer metadata: llama/tokenizer_gguf.py), or a folder holding
+        one of them (tokenizer.model, original/tokenizer.model, tokenizer.json, a single *.gguf)."""
         file = find_tokenizer_file(path)
+        if file.suffix.lower() == ".gguf" or _starts_with(file, b"GGUF"):
+            from llama.tokenizer_gguf import GGUFTokenizer
+            return GGUFTokenizer(file)
         if file.suffix == ".json":
             return TiktokenTokenizer(file)
         try:
@@ -112,11 +119,26 @@ def find_tokenizer_file(path: str | Path) -> Path:
         for cand in (p / "tokenizer.model", p / "original" / "tokenizer.model", p / "tokenizer.json"):
             if cand.is_file():
                 return cand
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:  # a folder holding one GGUF model: its tokenizer is in the file's metadata
+            return ggufs[0]
+        if ggufs:
+            raise UserError(f"{p}: several GGUF files in this folder ({', '.join(g.name for g in ggufs)}); "
+                            "pass the one you mean")
         raise UserError(f"{p}: no tokenizer.model in this folder (nor original/tokenizer.model, nor tokenizer.json); "
                         "expected a Llama 3 tiktoken BPE file or a SentencePiece model named tokenizer.model")
     if not p.is_file():
-        raise UserError(f"{p}: tokenizer file not found (expected a tokenizer.model file or a folder holding one)")
+        raise UserError(f"{p}: tokenizer file not found (expected a tokenizer.model, tokenizer.json or .gguf file, or a "
+                        "folder holding one)")
     return p
+
+
+def _starts_with(file: Path, magic: bytes) -> bool:
+    try:
+        with open(file, "rb") as fh:
+            return fh.read(len(magic)) == magic
+    except OSError:
+        return False
 
 
 def _looks_like_bpe_text(head: bytes) -> bool:

@@ -1,6 +1,7 @@
 """sae: sparse autoencoders on the Llama residual stream.
 
-The SAE itself lives at the top: `config.py` (SAEConfig, TrainConfig), `model.py` (TopK, BatchTopK, ReLU SAEs),
+The SAE itself lives at the top: `config.py` (SAEConfig, TrainConfig), `model.py` (TopK, BatchTopK, ReLU SAEs;
+`batchtopk.py`: BatchTopK's global-batch selection),
 `loss.py` (FVU, AuxK, L0 as pure functions), `ops.py` (the kernel-backed encode/decode), `train.py` (the training
 loop) with `dist.py` (torchrun helpers), `evaluate.py` (FVU, L0, dead/dense, CE-loss recovered), `formats.py`
 (SAELens / sparsify / legacy files), `synthetic.py` (ground-truth data) and `pipeline.py` (the demo's whole path).

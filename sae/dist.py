@@ -1,7 +1,11 @@
-"""torchrun helpers: process group setup (NCCL on GPU, gloo on CPU), global sums, gradient all-reduce.
+"""torchrun helpers: process group setup (NCCL on GPU, gloo on CPU), global sums, gathers, gradient all-reduce.
 
 Data parallelism here is explicit: every rank computes (local numerator) / (global denominator) losses, so the
 SUM of the ranks' gradients, one all-reduce of a flat buffer per step, is exactly the global-batch gradient.
+Every collective goes through this file, and each checks that its tensor lives on the process group's device
+(`init` records it; NCCL rejects a CPU tensor only at run time, on the GPU): a tensor built without `device=`
+fails here with a message naming it, on any machine (tests/test_sae_ddp.py runs the DDP loop with the default
+device set to `meta` to catch exactly that).
 Multi-node works through torchrun's usual flags (--nnodes, --node-rank, --rdzv-endpoint): this only reads the
 environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
 """
@@ -36,13 +40,22 @@ def pick_device(pref: str, local_rank: int = 0) -> torch.device:
     return torch.device(pref)
 
 
+_group_device: torch.device | None = None  # the device every collective's tensors must be on (set by init)
+
+
 def init(device_pref: str = "auto") -> DistInfo:
-    """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1), else a single process."""
+    """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1), else a single process.
+    An NCCL group is bound to this rank's GPU (`device_id`), so barriers and collectives never guess it."""
+    global _group_device
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_pref, local_rank)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            dist.init_process_group(backend="gloo")
+    _group_device = device
     rank = dist.get_rank() if dist.is_initialized() else 0
     return DistInfo(rank, dist.get_world_size() if dist.is_initialized() else 1, local_rank, device)
 
@@ -66,10 +79,22 @@ def active() -> bool:
     return not _SOLO and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def check_device(t: Tensor, what: str = "collective") -> None:
+    """Raise unless `t` is on the process group's device (a no-op before `init`, and on one process)."""
+    if active() and _group_device is not None and t.device != _group_device:
+        raise RuntimeError(f"{what}: tensor on {t.device}, but the process group works on {_group_device} "
+                           f"(build it on the training device: NCCL rejects CPU tensors)")
+
+
 def _all_reduce(t: Tensor, op: dist.ReduceOp) -> Tensor:
     """`op` of `t` across ranks (a new tensor; identity on one process)."""
     if not active():
         return t
+    check_device(t, "all_reduce")
     t = t.clone()
     dist.all_reduce(t, op=op)
     return t
@@ -83,6 +108,27 @@ def all_reduce_max(t: Tensor) -> Tensor:
     return _all_reduce(t, dist.ReduceOp.MAX)
 
 
+class _AllGather:
+    """`all_gather(t)`: every rank's `t` concatenated along dim 0 in rank order (`t` itself on one process);
+    `all_gather.world_size` says how many pieces that is. Not differentiable (used for selection only)."""
+
+    @property
+    def world_size(self) -> int:
+        return world_size()
+
+    def __call__(self, t: Tensor) -> Tensor:
+        if not active():
+            return t
+        check_device(t, "all_gather")
+        t = t.detach().contiguous()
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t)
+        return torch.cat(parts)
+
+
+all_gather = _AllGather()
+
+
 @torch.no_grad()
 def all_reduce_grads(params: Iterable[torch.nn.Parameter]) -> None:
     """SUM every parameter's gradient across ranks, in one flat buffer (one collective per step)."""
@@ -90,6 +136,7 @@ def all_reduce_grads(params: Iterable[torch.nn.Parameter]) -> None:
         return
     grads = [p.grad for p in params if p.grad is not None]
     flat = torch.cat([g.flatten() for g in grads])
+    check_device(flat, "all_reduce_grads")
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     offset = 0
     for g in grads:
@@ -103,6 +150,7 @@ def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
     if not active():
         return
     for t in list(module.parameters()) + list(module.buffers()):
+        check_device(t, "broadcast_module")
         dist.broadcast(t.data, src)
 
 
@@ -112,5 +160,7 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
+    global _group_device
+    _group_device = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

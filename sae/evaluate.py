@@ -1,6 +1,12 @@
 """SAE evaluation: activation-space metrics on the store's held-out split, and LM metrics with the SAE spliced
 into the Llama at its capture point (no error term: the reconstruction replaces the activation).
 
+Attention sinks (position 0 of each row, and BOS / end-of-text tokens anywhere, `sink_token_ids`) have residual
+norms ~100x the median; the store never holds them, so the SAE never trained on them. The LM metrics leave them
+clean in every run (SAE splice, zero and mean ablation alike), leave them out of the ablation mean, and leave
+their next-token predictions out of the CE averages, as SAELens' evaluation does with its ignore_tokens (which
+SAELens' zero ablation does not spare; here both ablations touch exactly the positions the SAE replaces).
+
     acts = activation_metrics(sae, store)            # L0, FVU, dead / dense fractions, log10-density histogram
     lm = lm_metrics(sae, model, tokens)              # CE clean / SAE / zero- and mean-ablated, recovered, delta
     print(format_table({**acts, **lm}))
@@ -57,44 +63,75 @@ def activation_metrics(sae: SAE, source: Any, batch_size: int = 4096, max_batche
                              "dead": int((counts == 0).sum())}}
 
 
-def _ce(logits: Tensor, tokens: Tensor) -> tuple[float, int]:
-    """Summed next-token cross-entropy and the number of predictions."""
-    lg = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-    return float(F.cross_entropy(lg, tokens[:, 1:].reshape(-1), reduction="sum")), lg.shape[0]
+SINK_NAMES = ("<|begin_of_text|>", "<|end_of_text|>", "<|endoftext|>", "<s>", "</s>")
+
+
+def sink_token_ids(tokenizer: Any) -> set[int]:
+    """The tokenizer's BOS / EOS ids and its end-of-text-like specials (<|endoftext|> is SmolLM2's sink)."""
+    specials = getattr(tokenizer, "special_tokens", None) or {}
+    ids = {getattr(tokenizer, "bos_id", -1), getattr(tokenizer, "eos_id", -1)}
+    ids |= {specials[name] for name in SINK_NAMES if name in specials}
+    return {int(i) for i in ids if i is not None and int(i) >= 0}
+
+
+def ordinary_positions(tokens: Tensor, sink_ids: Iterable[int] = ()) -> Tensor:
+    """[B, T] bool: True except at position 0 and at sink tokens (where the SAE is never spliced)."""
+    ids = torch.tensor(sorted(set(sink_ids)), dtype=tokens.dtype, device=tokens.device)
+    ordinary = ~torch.isin(tokens, ids)
+    ordinary[:, 0] = False
+    return ordinary
+
+
+def _ce(logits: Tensor, tokens: Tensor, ordinary: Tensor) -> tuple[float, int]:
+    """Summed next-token cross-entropy of the predictions made at ordinary positions, and their number."""
+    keep = ordinary[:, :-1].reshape(-1)
+    lg = logits[:, :-1].float().reshape(-1, logits.shape[-1])[keep]
+    return float(F.cross_entropy(lg, tokens[:, 1:].reshape(-1)[keep], reduction="sum")), lg.shape[0]
 
 
 @torch.no_grad()
 def lm_metrics(sae: SAE, model: torch.nn.Module, tokens: Tensor, batch_size: int = 8,
-               hook_name: str | None = None, progress: bool = False) -> dict[str, float]:
+               hook_name: str | None = None, progress: bool = False, sink_ids: Iterable[int] = ()) -> dict[str, float]:
     """tokens [N, T]: CE clean, with the SAE's reconstruction spliced in, and with the activation zero- or
-    mean-ablated (mean over these tokens' clean activations), plus CE-loss recovered and delta LM loss."""
+    mean-ablated (mean over these tokens' clean activations), plus CE-loss recovered and delta LM loss. Only
+    ordinary positions are edited and scored: never position 0 or a token in `sink_ids` (see the module doc)."""
     hook = hook_name or sae.cfg.hook_name
     if hook not in model.valid_points():
         raise UserError(f"SAE hook {hook!r} is not a capture point of this model (valid: {model.valid_points()})")
     sae.eval()
     dev = next(model.parameters()).device
     tokens = tokens.to(dev)
-    batches = list(tokens.split(batch_size))
+    batches = [(tb, ordinary_positions(tb, sink_ids)) for tb in tokens.split(batch_size)]
+    if not any(bool(o[:, :-1].any()) for _, o in batches):
+        raise UserError("no ordinary positions to evaluate on (every token is position 0 or a BOS/EOS token)")
 
-    def splice(h: Tensor) -> Tensor:
-        flat = h.reshape(-1, h.shape[-1])
-        return sae.decode(*sae.encode(flat), like=flat).reshape(h.shape).to(h.dtype)
+    def splice(ordinary: Tensor):
+        def fn(h: Tensor) -> Tensor:  # the SAE's reconstruction at ordinary positions only
+            if not bool(ordinary.any()):
+                return h
+            rows = h[ordinary]
+            return h.index_put((ordinary,), sae.decode(*sae.encode(rows), like=rows).to(h.dtype))
+        return fn
+
+    def put(ordinary: Tensor, value: Tensor):
+        return lambda h: torch.where(ordinary[..., None], value.to(h.dtype), h)
 
     total = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "mean": 0.0}
     count, act_sum, act_n = 0, None, 0
-    for tb in batches:  # pass 1: clean CE and the mean activation
+    for tb, ordinary in batches:  # pass 1: clean CE and the mean activation over ordinary positions
         out = model(tb, capture=[hook])
-        ce, m = _ce(out.logits, tb)
+        ce, m = _ce(out.logits, tb, ordinary)
         total["clean"] += ce
         count += m
-        a = out.activations[hook].double().reshape(-1, out.activations[hook].shape[-1])
+        a = out.activations[hook][ordinary].double()
         act_sum = a.sum(0) if act_sum is None else act_sum + a.sum(0)
         act_n += a.shape[0]
     mean_act = (act_sum / act_n).float()
-    edits = {"sae": splice, "zero": lambda h: torch.zeros_like(h), "mean": lambda h: mean_act.to(h.dtype).expand_as(h)}
-    for tb in batches:
+    for tb, ordinary in batches:
+        edits = {"sae": splice(ordinary), "zero": put(ordinary, mean_act.new_zeros(())),
+                 "mean": put(ordinary, mean_act)}
         for name, fn in edits.items():
-            total[name] += _ce(model(tb, edit={hook: fn}).logits, tb)[0]
+            total[name] += _ce(model(tb, edit={hook: fn}).logits, tb, ordinary)[0]
     ce = {k: v / count for k, v in total.items()}
     return {"ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero_ablation": ce["zero"], "ce_mean_ablation": ce["mean"],
             "ce_loss_recovered": ce_loss_recovered(ce["clean"], ce["sae"], ce["zero"]),
@@ -170,7 +207,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
         model = llama.load_model(model_dir, device=cfg.device, dtype=torch.float32)
         tok = llama.Tokenizer.from_file(model_dir)
         tokens = tokenize_documents(tok, iter_documents(expand_inputs(list(cfg.text))), cfg.seq_len, cfg.max_seqs)
-        metrics.update(lm_metrics(sae, model, tokens, cfg.lm_batch_size))
+        metrics.update(lm_metrics(sae, model, tokens, cfg.lm_batch_size, sink_ids=sink_token_ids(tok)))
     if not (cfg.store or cfg.text):
         raise UserError("nothing to evaluate: give --store (activation metrics) and/or --text (LM metrics)")
     out = Path(cfg.out or cfg.sae)

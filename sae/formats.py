@@ -220,8 +220,11 @@ def export_sparsify(sae: SAE, out_dir: str | Path) -> Path:
 
 def import_legacy_pth(path: str | Path, k: int, hook_name: str = "", model: str = "") -> SAE:
     """The earlier project's `.pth`: keys `b_pre` [d], `encoder.weight` [n, d], `encoder.bias` [n],
-    `decoder.weight` [d, n] (nn.Linear(n, d)); inputs standardised per token. Loaded as-is (its decoder was
-    normalised along the wrong axis, so rows are NOT unit norm; TopK rankings forbid rescaling them away)."""
+    `decoder.weight` [d, n] (nn.Linear(n, d)); inputs standardised per token with the BIASED std. Our per-token
+    standardisation is SAELens' (unbiased std = c * biased std, c = sqrt(d / (d - 1))), so the constant c is
+    folded in: W_enc * c, W_dec / c, b_pre / c compute the same pre-activations (hence the same TopK picks) and
+    the same output, up to where the 1e-5 eps sits. Otherwise loaded as-is (its decoder was normalised along
+    the wrong axis, so rows are NOT unit norm; TopK rankings forbid rescaling them away)."""
     path = Path(path)
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -239,9 +242,10 @@ def import_legacy_pth(path: str | Path, k: int, hook_name: str = "", model: str 
         raise UserError(f"{path}: inconsistent shapes for an SAE with d={d}, n={n}")
     sae = SAE(SAEConfig(d_in=d, n_latents=n, k=k, architecture="topk", normalize="token", hook_name=hook_name,
                         model=model))
+    c = (d / (d - 1)) ** 0.5 if d > 1 else 1.0  # unbiased / biased std
     with torch.no_grad():
-        sae.W_enc.copy_(sd["encoder.weight"].float())
+        sae.W_enc.copy_(sd["encoder.weight"].float() * c)
         sae.b_enc.copy_(sd["encoder.bias"].float())
-        sae.W_dec.copy_(sd["decoder.weight"].float().T)
-        sae.b_dec.copy_(sd["b_pre"].float())
+        sae.W_dec.copy_(sd["decoder.weight"].float().T / c)
+        sae.b_dec.copy_(sd["b_pre"].float() / c)
     return sae.eval()

@@ -2,7 +2,7 @@
 
     x_n   = normalise(x)                       (dataset scalar s with E||x s||^2 = d_in, or per-token standardise)
     pre   = W_enc (x_n - b_dec) + b_enc         W_enc is stored like nn.Linear.weight: [n_latents, d_in]
-    z     = TopK(pre), ReLU'd                   (batchtopk: top k*B over the batch; at inference pre > threshold)
+    z     = TopK(pre), ReLU'd                   (batchtopk: top k*B over the global batch; at inference pre > threshold)
     x_hat = denormalise(z W_dec + b_dec)        W_dec [n_latents, d_in], each ROW unit norm
 
 Callers pass raw activations and get raw-space reconstructions. The latent code is carried sparse as
@@ -14,15 +14,16 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from llama.cli import UserError
+from sae.batchtopk import LOCAL, Gather, batch_topk, update_threshold
 from sae.config import SAEConfig
 from sae.loss import Reduce, auxk_loss, fvu, identity, total_variance
-from sae.ops import sparse_decode, sparse_encode, topk
+from sae.ops import dense_pre_acts, sparse_decode, sparse_encode, topk
 
 STEER_MODES = ("add", "clamp")
+TOKEN_EPS = 1e-5  # per-token standardisation: (x - mean) / (std + eps) in, x_hat * std + mean out (SAELens)
 
 
 class EncodeOutput(NamedTuple):
@@ -46,7 +47,7 @@ class SAE(nn.Module):
         self.cfg = cfg
         n, d = cfg.n_latents, cfg.d_in
         gen = torch.Generator().manual_seed(seed)
-        W_dec = torch.randn(n, d, generator=gen)
+        W_dec = torch.randn(n, d, generator=gen, device="cpu")
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec.to(device))
         self.W_enc = nn.Parameter(W_dec.clone().to(device))  # = W_dec^T in SAELens' [d_in, d_sae] orientation
@@ -65,9 +66,9 @@ class SAE(nn.Module):
         x = x.to(self.W_dec.dtype)
         if self.cfg.normalize == "scalar":
             return x * self.norm_scale
-        if self.cfg.normalize == "token":
+        if self.cfg.normalize == "token":  # SAELens' layer_norm exactly: unbiased std, eps on the way in only
             mu = x.mean(-1, keepdim=True)
-            return (x - mu) / (x.std(-1, keepdim=True, unbiased=False) + 1e-5)
+            return (x - mu) / (x.std(-1, keepdim=True) + TOKEN_EPS)
         return x
 
     def denormalize(self, x_hat_n: Tensor, like: Tensor | None = None) -> Tensor:
@@ -77,26 +78,21 @@ class SAE(nn.Module):
             if like is None:
                 raise UserError("this SAE standardises each token: pass the input as `like` to decode()")
             like = like.to(x_hat_n.dtype)
-            return x_hat_n * (like.std(-1, keepdim=True, unbiased=False) + 1e-5) + like.mean(-1, keepdim=True)
+            return x_hat_n * like.std(-1, keepdim=True) + like.mean(-1, keepdim=True)
         return x_hat_n
 
     # ---- encoder / decoder ---------------------------------------------------------------------------
     def pre_acts(self, x_n: Tensor) -> Tensor:
-        return F.linear(x_n - self.b_dec, self.W_enc, self.b_enc)
+        return dense_pre_acts(x_n - self.b_dec, self.W_enc, self.b_enc)  # the GEMM TopK training uses
 
-    def _select(self, pre: Tensor) -> Tensor:
+    def _select(self, pre: Tensor, gather: Gather = LOCAL) -> Tensor:
         """Dense ReLU'd code for batchtopk / relu (these kinds are dense by nature)."""
         if self.cfg.architecture == "relu":
             return torch.relu(pre)
-        if self.training:  # batch TopK: the k*B largest over the whole batch
-            flat = torch.relu(pre).flatten()
-            vals, idx = flat.topk(min(self.cfg.k * pre.shape[0], flat.numel()), sorted=False)
-            with torch.no_grad():  # running threshold = EMA of the smallest kept positive value
-                pos = vals[vals > 0]
-                if pos.numel():
-                    t = pos.min().to(self.threshold.dtype).expand_as(self.threshold)
-                    self.threshold.lerp_(t, 0.05 if bool(self.threshold.any()) else 1.0)
-            return torch.zeros_like(flat).scatter(0, idx, vals).view_as(pre)
+        if self.training:  # batch TopK: the k*B largest over the whole (global) batch, sae/batchtopk.py
+            z, smallest = batch_topk(pre, self.cfg.k, gather)
+            update_threshold(self.threshold, smallest)  # running threshold = EMA of the smallest kept value
+            return z
         return pre * (pre > self.threshold)  # JumpReLU-style inference
 
     @staticmethod
@@ -144,8 +140,10 @@ class SAE(nn.Module):
         return EncodeOutput(torch.cat([top_acts, vals.expand(B, -1)], 1), torch.cat([top_indices, ids.expand(B, -1)], 1))
 
     # ---- training forward ----------------------------------------------------------------------------
-    def forward(self, x: Tensor, dead_mask: Tensor | None = None, *, reduce: Reduce = identity) -> SAEOutput:
-        """x [B, d_in] raw. `dead_mask` [n] bool switches on AuxK. `reduce` globalises sums under DDP."""
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None, *, reduce: Reduce = identity,
+                gather: Gather = LOCAL) -> SAEOutput:
+        """x [B, d_in] raw. `dead_mask` [n] bool switches on AuxK. Under DDP `reduce` globalises sums and
+        `gather` (sae.dist.all_gather) lets batchtopk select over the global batch."""
         x_n = self.normalize(x)
         zero = x_n.new_zeros(())
         pre, l1 = None, zero
@@ -157,7 +155,7 @@ class SAE(nn.Module):
             acts, idx = self.apply_steer(acts, idx)
         else:
             pre = self.pre_acts(x_n)
-            z = self._select(pre)
+            z = self._select(pre, gather)
             acts, idx = self.apply_steer(*self.compact(z))
             if self.cfg.architecture == "relu":
                 l1 = self.cfg.l1_coef * (z * self.W_dec.norm(dim=1)).sum() / total_variance(x_n, reduce)

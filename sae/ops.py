@@ -37,14 +37,18 @@ def _onednn_ok() -> bool:
 ONEDNN = _onednn_ok()  # read once at import; SAE_ENCODER_GEMM=blas before import turns it off (for comparisons)
 
 
+def _onednn_here(x_c: Tensor, W_enc: Tensor, b_enc: Tensor) -> bool:
+    return (ONEDNN and x_c.device.type == "cpu" and x_c.dtype == W_enc.dtype == b_enc.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu"))
+
+
 def encoder_linear(x_c: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
     """pre = x_c W_enc^T + b_enc, the one dense [B, n] product of a step (~80% of a CPU train step at the
     issue's shape). On CPU in fp32 it goes to oneDNN's fp32 GEMM (torch.ops.mkldnn._linear_pointwise, the op
     torch's inductor uses for CPU linears): same fp32 maths, only the blocking/summation order differs from
     MKL's sgemm, and it measured 12-15% faster here (AMD EPYC, AVX-512; bench/sae_train.py). Anything else, or
     SAE_ENCODER_GEMM=blas, or an error from that op: F.linear."""
-    if (ONEDNN and x_c.device.type == "cpu" and x_c.dtype == W_enc.dtype == b_enc.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")):
+    if _onednn_here(x_c, W_enc, b_enc):
         try:
             return torch.ops.mkldnn._linear_pointwise(x_c.contiguous(), W_enc.contiguous(), b_enc, "none", [], "")
         except RuntimeError:
@@ -66,13 +70,47 @@ def sparse_outer(g: Tensor, idx: Tensor, x: Tensor, n_rows: int) -> Tensor:
     return gw
 
 
+def latent_sums(g: Tensor, idx: Tensor, n_rows: int) -> Tensor:
+    """[n_rows]: entry i = sum of g[b, j] over the (b, j) with idx[b, j] == i, always added in the same order
+    (the sorted per-latent segment sum of `kernels.reference.decode_weight_grad`, with a [B, 1] column of
+    ones as grad_out). index_add_ gives the same numbers on CPU, but on CUDA it adds with atomics, in whatever
+    order the threads arrive, so the bias gradients (and a resumed run) would differ in the last bits."""
+    return kernels.reference.decode_weight_grad(g.new_ones(g.shape[0], 1), g, idx, n_rows)[:, 0]
+
+
+class _EncoderLinear(torch.autograd.Function):
+    """`encoder_linear` with F.linear's backward (the oneDNN op has no autograd formula)."""
+
+    @staticmethod
+    def forward(ctx, x_c: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
+        ctx.save_for_backward(x_c, W_enc)
+        return encoder_linear(x_c, W_enc, b_enc)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        x_c, W_enc = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        return g @ W_enc if n[0] else None, g.t() @ x_c if n[1] else None, g.sum(0) if n[2] else None
+
+
+def dense_pre_acts(x_c: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
+    """Differentiable pre = x_c W_enc^T + b_enc through the SAME GEMM as the TopK training path
+    (`encoder_linear`), so inference (`SAE.encode`) and training compute bit-identical pre-activations
+    and pick the same latents even at near-ties."""
+    if not _onednn_here(x_c, W_enc, b_enc):
+        return F.linear(x_c, W_enc, b_enc)  # encoder_linear would take F.linear too (autocast stays in charge)
+    if x_c.dim() != 2:
+        return dense_pre_acts(x_c.reshape(-1, x_c.shape[-1]), W_enc, b_enc).reshape(*x_c.shape[:-1], -1)
+    return _EncoderLinear.apply(x_c, W_enc, b_enc)
+
+
 class _SparseEncode(torch.autograd.Function):
     """pre = (x_n - b_dec) W_enc^T + b_enc (one GEMM with the bias, `encoder_linear`); keep TopK (and the AuxK
     pick among dead latents) of the pre-activations, then ReLU only the kept values. The dense [B, n]
     pre-activations live only inside forward.
 
     Backward with g = grad of the kept values (zero where ReLU cut them), touching only the kept latents:
-      grad b_enc = per-latent sum of g                        (index_add over B*k entries)
+      grad b_enc = per-latent sum of g                        (`latent_sums`: sorted, no atomics)
       grad W_enc = sparse(g)^T @ (x_n - b_dec)                (per-latent segment sum, as the W_dec grad)
       grad b_dec = -sum_b sparse(g)[b] @ W_enc = -(grad b_enc) @ W_enc   (one [n] x [n, d] product instead of
                                                                decoding all B rows and summing them)
@@ -109,8 +147,7 @@ class _SparseEncode(torch.autograd.Function):
         grad_W = sparse_outer(g, idx, x_c, W_enc.shape[0]).to(W_enc.dtype) if need_W else None
         grad_b = grad_bdec = None
         if need_benc or need_bdec:
-            grad_b = torch.zeros(W_enc.shape[0], dtype=torch.float32, device=g.device)
-            grad_b = grad_b.index_add_(0, idx.flatten(), g.flatten().float())
+            grad_b = latent_sums(g.float(), idx, W_enc.shape[0])
             if need_bdec:
                 grad_bdec = -(grad_b.to(W_enc.dtype) @ W_enc)
             grad_b = grad_b.to(W_enc.dtype) if need_benc else None

@@ -151,7 +151,7 @@ class Trainer:
         dead_mask = self.tokens_since_fired >= cfg.dead_tokens
         dev = self.info.device.type
         with torch.autocast(device_type=dev, dtype=torch.bfloat16, enabled=cfg.autocast and dev == "cuda"):
-            out = sae(x, dead_mask, reduce=dist.all_reduce_sum)
+            out = sae(x, dead_mask, reduce=dist.all_reduce_sum, gather=dist.all_gather)
         loss = out.fvu + sae.cfg.aux_coef * out.auxk_loss + out.l1_loss
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -179,23 +179,30 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
+        """Mean over up to val_batches global batches of the batch FVU, and L0 over all their tokens. Each
+        rank's out.fvu is (its numerator) / (global denominator), so their SUM is the global FVU: the per-batch
+        values and the nonzero / token counts are summed across ranks in one all-reduce, on the device."""
         self.sae.eval()
-        fvus, l0s = [], []
+        dev = self.info.device
+        fvu_sum, fired, tokens = (torch.zeros((), dtype=torch.float64, device=dev) for _ in range(3))
+        n = 0
         try:
             it = self.source.batches(self.per_rank, split="val", seed=0, rank=self.info.rank,
-                                     world_size=self.info.world_size, device=self.info.device, loop=False,
+                                     world_size=self.info.world_size, device=dev, loop=False,
                                      point=self.cfg.point or None)
             for _, x in zip(range(self.cfg.val_batches), it):
                 out = self.sae(x, reduce=dist.all_reduce_sum)
-                fvus.append(float(out.fvu))
-                l0s.append(l0(out.top_acts))
+                fvu_sum += out.fvu.double()
+                fired += (out.top_acts > 0).sum()
+                tokens += out.top_acts.shape[0]
+                n += 1
         except UserError:
             pass  # validation split smaller than one batch
         self.sae.train()
-        if not fvus:
+        if not n:
             return {}
-        return {"val_fvu": sum(fvus) / len(fvus), "val_l0": float(dist.all_reduce_sum(torch.tensor(sum(l0s) / len(l0s))))
-                / self.info.world_size}
+        tot = dist.all_reduce_sum(torch.stack([fvu_sum, fired, tokens])).tolist()
+        return {"val_fvu": tot[0] / n, "val_l0": tot[1] / tot[2]}
 
     # ---- the loop --------------------------------------------------------------------------------------
     def run(self, callback: Callable[[int, SAE], None] | None = None) -> TrainResult:
@@ -217,12 +224,16 @@ class Trainer:
             metrics = self.train_step(next(it))
             self.step += 1
             bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            log_now = self.step % cfg.log_every == 0 or self.step == cfg.steps
+            val_now = cfg.val_every and (self.step % cfg.val_every == 0 or self.step == cfg.steps)
+            if log_now:
                 dt = time.perf_counter() - t0
                 metrics.update(self.end_window(), tokens_per_s=(self.step - tok0) * cfg.batch_size / max(dt, 1e-9))
-                if cfg.val_every and (self.step % cfg.val_every == 0 or self.step == cfg.steps):
-                    metrics.update(self.validate())
+            if val_now:  # on its own schedule, not only on steps that are also logging steps
+                metrics.update(self.validate(), step=self.step)
+            if log_now or val_now:
                 log.write(metrics)
+            if log_now:
                 bar.set_postfix(fvu=f"{metrics['fvu']:.4f}", l0=f"{metrics['l0']:.1f}", dead=f"{metrics['dead']:.3f}")
             if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.steps:
                 self.save_checkpoint()
@@ -245,10 +256,14 @@ class Trainer:
                 "unfired_window": use.dead_fraction}
 
     def final_sae(self) -> SAE:
+        """The trained SAE, or with --ema-decay the EMA of its weights. An average of unit-norm decoder rows is
+        shorter than 1, so the EMA SAE's rows are put back on the unit sphere (the projection every training
+        step applies), as every reader of the file assumes (steering strengths, AuxK, format folding)."""
         if self.ema is None:
             return self.sae
         sae = SAE(self.sae.cfg, device=self.info.device)
         sae.load_state_dict({**self.sae.state_dict(), **self.ema})
+        sae.normalize_decoder()
         return sae
 
 

@@ -25,7 +25,8 @@ class GenerateConfig:
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer.model file or folder (default: --model)"})
     prompt: list[str] = field(default_factory=lambda: ["Once upon a time"],
                               metadata={"help": "one or more prompts (a batch); in chat mode, user messages"})
-    chat: bool = field(default=False, metadata={"help": "wrap each prompt as a user turn in Llama 3's chat format"})
+    chat: bool = field(default=False, metadata={"help": "wrap each prompt as a user turn in the model's chat format "
+                                                        "(Llama 3's or ChatML, from its tokenizer)"})
     system: str | None = field(default=None, metadata={"help": "system message for chat mode"})
     max_new_tokens: int = 64
     temperature: float = field(default=0.6, metadata={"help": "0 = greedy"})
@@ -40,6 +41,8 @@ class GenerateConfig:
 
 def require_checkpoint(folder: Path) -> None:
     """A missing or empty weights folder is the first thing a new user hits: say what to do, not a traceback."""
+    if folder.is_file() and folder.suffix.lower() == ".gguf":  # a GGUF model file holds weights and tokenizer
+        return
     if not folder.is_dir() or not any((folder / m).is_file() for m in CHECKPOINT_MARKERS):
         readme = Path(__file__).resolve().parents[1] / "weights" / "README.md"
         raise UserError(f"no checkpoint in {folder} (expected params.json + consolidated.00.pth, or config.json + "
@@ -49,6 +52,7 @@ def require_checkpoint(folder: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(GenerateConfig, argv, description=__doc__)
+    from llama.chat import chat_format, no_chat_warning
     from llama.checkpoint import load_model
     from llama.generate import chat_completion, text_completion
     from llama.tokenizer import Tokenizer
@@ -67,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"tokenizer {cfg.tokenizer or cfg.model} has {tok.n_words} tokens but the model's "
                         f"vocab_size is {model.args.vocab_size}: they do not belong together")
     kw = dict(temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
+    if cfg.chat and chat_format(tok) is None:
+        print(no_chat_warning(cfg.tokenizer or cfg.model), file=sys.stderr)
+        cfg.chat = False
     if cfg.chat:
         system = [{"role": "system", "content": cfg.system}] if cfg.system else []
         dialogs = [system + [{"role": "user", "content": p}] for p in cfg.prompt]

@@ -29,7 +29,8 @@ class SteerConfig:
     labels: str = field(default="", metadata={"help": "labels.json (steer by label text)"})
     prompt: list[str] = field(default_factory=lambda: ["Once upon a time"], metadata={"help": "prompts (a batch)"})
     steer: list[str] = field(default_factory=list, metadata={"help": "TARGET:STRENGTH[:add|clamp], several allowed"})
-    chat: bool = field(default=False, metadata={"help": "each prompt is a user turn in the Llama 3 chat format"})
+    chat: bool = field(default=False, metadata={"help": "each prompt is a user turn in the model's chat format "
+                                                        "(Llama 3's or ChatML, from its tokenizer)"})
     system: str = field(default="", metadata={"help": "system message (chat mode)"})
     reconstruct: bool = field(default=False, metadata={"help": "pure SAE reconstruction: drop the error term"})
     compare: bool = field(default=True, metadata={"help": "also generate the unsteered completion (same batch)"})
@@ -44,6 +45,7 @@ class SteerConfig:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(SteerConfig, argv, description=__doc__)
+    from llama.chat import chat_format, no_chat_warning
     from sae.steering.steer import encode_prompts, label_of, load_steering, parse_steer, steered_stream
     if not cfg.sae:
         raise UserError("--sae: give the SAE folder to steer with")
@@ -55,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     steers = [parse_steer(s, st.labels) for s in cfg.steer]
     for s in steers:
         print(f"steer latent {s.latent} {label_of(st.labels, s.latent)!r}: {s.mode} {s.strength:g}")
+    if cfg.chat and chat_format(st.tokenizer) is None:
+        print(no_chat_warning(cfg.tokenizer or cfg.model), file=sys.stderr)
     ids = encode_prompts(st.tokenizer, cfg.prompt, chat=cfg.chat, system=cfg.system or None)
     n = len(ids)
     compare = cfg.compare and (bool(steers) or cfg.reconstruct)

@@ -42,7 +42,8 @@ def test_ce_recovered_on_known_answers(llm: Transformer) -> None:
     ident = identity_sae(16)
     r = lm_metrics(ident, llm, tokens, batch_size=4)
     with torch.no_grad():
-        clean = F.cross_entropy(llm(tokens).logits[:, :-1].reshape(-1, 50), tokens[:, 1:].reshape(-1))
+        # position 0 (an attention sink) is never spliced nor scored: predictions from positions 1..T-2
+        clean = F.cross_entropy(llm(tokens).logits[:, 1:-1].reshape(-1, 50), tokens[:, 2:].reshape(-1))
     assert r["ce_clean"] == pytest.approx(float(clean), rel=1e-5)
     assert r["ce_sae"] == pytest.approx(r["ce_clean"], abs=1e-5)
     assert r["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-3)
@@ -57,7 +58,7 @@ def test_ce_recovered_on_known_answers(llm: Transformer) -> None:
     assert z["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-5)
 
     mean = identity_sae(16)  # outputs the mean activation: b_dec = mean, decoder silent
-    acts = llm(tokens, capture=[HOOK]).activations[HOOK].reshape(-1, 16)
+    acts = llm(tokens, capture=[HOOK]).activations[HOOK][:, 1:].reshape(-1, 16)  # the mean leaves position 0 out
     with torch.no_grad():
         mean.W_dec.zero_()
         mean.b_dec.copy_(acts.mean(0))
@@ -97,3 +98,57 @@ def test_evaluate_script_errors_cleanly(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, str(ROOT / "scripts/evaluate.py"), "--sae", str(tmp_path / "sae")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "nothing to evaluate" in r.stderr and "Traceback" not in r.stderr
+
+
+class _Recording:
+    """The model seen by lm_metrics, recording for every edited forward which [B, T] positions the edit changed."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.changed = model, []
+
+    def valid_points(self) -> list[str]:
+        return self.model.valid_points()
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def __call__(self, tokens: torch.Tensor, capture=(), edit=None):
+        def wrap(fn):
+            def recorded(h: torch.Tensor) -> torch.Tensor:
+                out = fn(h)
+                self.changed.append(((out != h).any(-1), out))
+                return out
+            return recorded
+        return self.model(tokens, capture=capture, edit={k: wrap(f) for k, f in (edit or {}).items()})
+
+
+def test_lm_metrics_splice_only_ordinary_positions_of_the_tiny_model() -> None:
+    """On the tiny model and its tokenizer, with BOS-prefixed documents packed into rows: the SAE splice and both
+    ablations change exactly the ordinary positions (never position 0, never a BOS/EOS token), the ablation mean
+    is the mean over ordinary positions only, and CE averages only the predictions made at ordinary positions."""
+    import llama
+    from sae.evaluate import sink_token_ids, tokenize_documents
+    tiny = ROOT / "weights" / "tiny"
+    model = llama.load_model(tiny, device="cpu", dtype=torch.float32)
+    tok = llama.Tokenizer.from_file(tiny)
+    assert sink_token_ids(tok) == {tok.bos_id, tok.eos_id}  # <s>, </s>: this vocabulary has no <|endoftext|>
+    docs = (tiny / "heldout.txt").read_text().splitlines()[:40]
+    tokens = tokenize_documents(tok, docs, seq_len=48, max_seqs=6)
+    expected = (tokens != tok.bos_id) & (tokens != tok.eos_id)  # independent of the code under test
+    expected[:, 0] = False
+    assert (~expected[:, 1:]).any(), "the rows should hold BOS tokens past position 0"
+    hook = "blocks.2.hook_resid_post"
+    sae = SAE(SAEConfig(d_in=model.args.dim, n_latents=4 * model.args.dim, k=8, hook_name=hook), seed=0).eval()
+    rec = _Recording(model)
+    r = lm_metrics(sae, rec, tokens, batch_size=len(tokens), sink_ids=sink_token_ids(tok))
+    assert len(rec.changed) == 3  # one batch: SAE splice, zero ablation, mean ablation
+    for changed, _ in rec.changed:
+        assert torch.equal(changed, expected)
+    with torch.no_grad():
+        out = model(tokens, capture=[hook])
+    clean = out.activations[hook]
+    torch.testing.assert_close(rec.changed[2][1][expected], clean[expected].mean(0).expand(int(expected.sum()), -1))
+    keep = expected[:, :-1]
+    ce = F.cross_entropy(out.logits[:, :-1][keep], tokens[:, 1:][keep])
+    assert r["lm_tokens"] == int(keep.sum())
+    assert r["ce_clean"] == pytest.approx(float(ce), rel=1e-5)

@@ -53,6 +53,23 @@ def test_saelens_folder_round_trip_and_formula(tmp_path: Path) -> None:
     torch.testing.assert_close(back(x).x_hat, m(x).x_hat, atol=1e-4, rtol=1e-5)
 
 
+def test_token_normalisation_is_saelens_layer_norm(tmp_path: Path) -> None:
+    """normalize="token" exports as SAELens' `layer_norm`: (x - mean) / (std + 1e-5) in, x_hat * std + mean out,
+    with torch's default (unbiased) std (SAELens' run_time_activation_ln_in/out). Our SAE's output must be that
+    formula applied to the exported file."""
+    m = trained_like(normalize="token")
+    x = torch.randn(20, 12) * 20 + 3
+    save(m, tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    assert cfg["normalize_activations"] == "layer_norm" and cfg["apply_b_dec_to_input"]
+    t = load_file(str(tmp_path / "sae_weights.safetensors"))
+    mu = x.mean(-1, keepdim=True)
+    std = (x - mu).std(-1, keepdim=True)
+    want = saelens_topk(t, cfg["k"], (x - mu) / (std + 1e-5)) * std + mu
+    torch.testing.assert_close(m(x).x_hat, want, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(load(tmp_path)(x).x_hat, want, atol=1e-4, rtol=1e-5)
+
+
 def test_batchtopk_saves_as_jumprelu(tmp_path: Path) -> None:
     m = trained_like("batchtopk")
     x = torch.randn(20, 12) * 20

@@ -154,3 +154,28 @@ def test_clip_grad_norm_matches_torch_above_and_below_the_limit() -> None:
         torch.testing.assert_close(n_ours, n_torch)
         for p, q in zip(a, b):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
+
+
+def test_validation_runs_on_its_own_schedule(tmp_path: Path) -> None:
+    """val_every need not be a multiple of log_every: validation at steps 6 and 12 with logging every 4."""
+    x = generate(replace(EASY, rows=4000, d=16, n_features=32)).x
+    train(small_cfg(tmp_path, steps=12, log_every=4, val_every=6, ckpt_every=0), TensorSource(x))
+    lines = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if "val_fvu" in m] == [6, 12]
+    assert [m["step"] for m in lines if "tokens_per_s" in m] == [4, 8, 12]
+    assert [m["step"] for m in lines] == [4, 6, 8, 12]
+
+
+def test_ema_sae_has_unit_norm_decoder_rows(tmp_path: Path) -> None:
+    """The saved EMA SAE is the average of the weights with its decoder rows put back on the unit sphere, like
+    every trained SAE (an average of unit rows is shorter than 1)."""
+    x = generate(replace(EASY, rows=4000, d=16, n_features=32)).x
+    tr = Trainer(small_cfg(tmp_path, steps=20, ema_decay=0.9, ckpt_every=0), TensorSource(x))
+    res = tr.run()
+    saved = load(tmp_path / "sae")
+    torch.testing.assert_close(saved.W_dec.norm(dim=1), torch.ones(64))
+    torch.testing.assert_close(res.sae.W_dec.norm(dim=1), torch.ones(64))
+    ema = tr.ema["W_dec"]
+    assert float(ema.norm(dim=1).min()) < 1 - 1e-4  # the raw average is not unit norm: the renormalisation mattered
+    torch.testing.assert_close(saved.W_dec, ema / ema.norm(dim=1, keepdim=True), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(saved.W_enc, tr.ema["W_enc"], atol=1e-5, rtol=1e-5)

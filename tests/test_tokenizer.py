@@ -14,18 +14,13 @@ from llama.cli import UserError
 from llama.tokenizer import (
     SentencePieceTokenizer, TiktokenTokenizer, Tokenizer, split_long_runs,
 )
+from tests._tokenizer_texts import VARIED_TEXTS
 
 meta_tok_mod = pytest.importorskip("llama_models.llama3.tokenizer")
 META_MODEL = Path(meta_tok_mod.__file__).parent / "tokenizer.model"
 
 TEXTS = [
-    "",
-    "Hello world",
-    "The quick brown fox jumps over the lazy dog.",
-    "naïve café déjà vu — Ünïcödé “quotes” ‘single’ «guillemets» ½ ² ℃ ﬁ",
-    "日本語のテキスト、中文文本，한국어 텍스트 — Русский текст, Ελληνικά, العربية, हिन्दी, ไทย",
-    "emoji 🦙🔥 👩‍👩‍👧‍👦 🏳️‍🌈 👍🏽 ❤️ family: 👨‍👩‍👧",
-    "   leading and trailing spaces   ",
+    *VARIED_TEXTS,
     "tabs\tand\t\tnewlines\n\n\nand\r\nwindows\r\n line endings \u00a0nbsp\u2003emspace\u3000",
     " " * 1000 + "x" + "\n" * 500 + "y" + "\t \n" * 300,
     "digits 0 12 123 1234 12345 3.14159265358979 1,000,000 2024-05-01 0x1F ٣٤٥ ١٢٣",

@@ -234,11 +234,15 @@ def run_capture(cfg: CaptureConfig, model=None, tokenizer=None) -> dict:
     cfg = resolve(cfg)
     rank, world, local_rank = _dist_env()
     dist = None
+    device = torch.device(f"cuda:{local_rank}" if cfg.device == "cuda" and world > 1 else cfg.device)
     if world > 1:
         import torch.distributed as dist
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
-    device = torch.device(f"cuda:{local_rank}" if cfg.device == "cuda" and world > 1 else cfg.device)
+        if not dist.is_initialized():  # NCCL bound to this rank's GPU, so its barriers never guess the device
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+                dist.init_process_group("nccl", device_id=device)
+            else:
+                dist.init_process_group("gloo")
     try:
         return _capture(cfg, model, tokenizer, rank, world, device, dist)
     finally:

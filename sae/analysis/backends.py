@@ -160,27 +160,26 @@ class AnthropicBatchBackend(AnthropicBackend):
 
 
 class LlamaBackend:
-    """Our own Llama answering greedily (by default): in Llama 3 chat format when the tokenizer has the chat tokens
-    (an instruct checkpoint), else as a plain-text continuation of "system / user / Answer:" (a base model)."""
+    """Our own Llama answering greedily (by default): in the model's chat format (Llama 3's or ChatML) when the
+    tokenizer has chat tokens (an instruct checkpoint), else as a plain-text continuation of "system / user /
+    Answer:" (a base model)."""
     name = "llama"
 
     def __init__(self, model_dir: str, device: str = "cpu", max_tokens: int = 400, temperature: float = 0.0,
                  batch_size: int = 8, seed: int = 0, model: Any = None, tokenizer: Any = None):
         import llama
-        from llama.chat import ChatFormat
+        from llama.chat import chat_format
         if model is None:
-            if not model_dir or not Path(model_dir).is_dir():
-                raise UserError(f"--model {model_dir!r}: not a model folder (the llama backend needs a checkpoint "
-                                "folder, ideally an instruct model, in Meta or HF layout)")
+            p = Path(model_dir)
+            if not model_dir or not (p.is_dir() or (p.is_file() and p.suffix.lower() == ".gguf")):
+                raise UserError(f"--model {model_dir!r}: not a model folder or .gguf file (the llama backend needs a "
+                                "checkpoint, ideally an instruct model: Meta or HF layout, or GGUF)")
             import torch
             model = llama.load_model(model_dir, device=device, dtype=torch.float32)
             tokenizer = llama.Tokenizer.from_file(model_dir)
         self.llm, self.tok, self.model = model, tokenizer, str(model_dir)
         self.max_tokens, self.temperature, self.batch_size, self.seed = max_tokens, temperature, batch_size, seed
-        try:
-            self.chat: Any = ChatFormat(tokenizer)
-        except UserError:
-            self.chat = None
+        self.chat: Any = chat_format(tokenizer)
 
     def prompt_ids(self, r: Request) -> list[int]:
         if self.chat is not None:

@@ -199,11 +199,12 @@ class SteeredToken(NamedTuple):
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[str], chat: bool = False, system: str | None = None
                    ) -> list[list[int]]:
-    """Plain text (BOS + text) or one user turn in the Llama 3 chat format per prompt."""
-    if not chat:
+    """Plain text (BOS + text) or one user turn in the model's chat format (Llama 3's or ChatML) per prompt; a
+    tokenizer without chat tokens (a base model) gets plain text (scripts warn: `llama.chat.no_chat_warning`)."""
+    from llama.chat import chat_format
+    fmt = chat_format(tokenizer) if chat else None
+    if fmt is None:
         return [tokenizer.encode(p, bos=True, eos=False) for p in prompts]
-    from llama.chat import ChatFormat
-    fmt = ChatFormat(tokenizer)
     head = [{"role": "system", "content": system}] if system else []
     return [fmt.encode_dialog_prompt(head + [{"role": "user", "content": p}]) for p in prompts]
 
