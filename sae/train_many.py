@@ -46,15 +46,6 @@ class ManyResult(NamedTuple):
     out_dir: Path
 
 
-def gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's rows in rank order (each rank holds the same number)."""
-    if not dist.active():
-        return x
-    parts = [torch.empty_like(x) for _ in range(tdist.get_world_size())]
-    tdist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
 class StreamTrainer:
     def __init__(self, cfg: StreamTrainConfig, info: dist.DistInfo | None = None, model=None, tok=None) -> None:
         self.info = info or dist.DistInfo(0, 1, 0, dist.pick_device(cfg.device))
@@ -156,7 +147,7 @@ class StreamTrainer:
     def _run(self, stream, callback) -> ManyResult:
         cfg, info = self.cfg, self.info
         if self.step == 0:  # scale and b_dec of every SAE from one sample of the first round, the same on all ranks
-            sample = {p: gather_rows(x.float()) for p, x in stream.sample(-(-cfg.init_rows // self.S)).items()}
+            sample = {p: dist.all_gather(x.float()) for p, x in stream.sample(-(-cfg.init_rows // self.S)).items()}
             with self._solo():
                 for j in self.mine:
                     self.trainers[j.name].init_weights(sample[j.point])
@@ -183,7 +174,7 @@ class StreamTrainer:
                 ts = time.perf_counter()
                 xs = {p: a.float() for p, a in batch.acts.items()}
                 if self.distributed:
-                    xs = {p: gather_rows(x) for p, x in xs.items()}
+                    xs = {p: dist.all_gather(x) for p, x in xs.items()}
                 out: dict[str, dict[str, Any]] = {}
                 with self._solo():
                     for j in self.mine:

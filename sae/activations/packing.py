@@ -100,10 +100,16 @@ def _to_batch(group: list[tuple[int, int, list[int]]], skip: int, row_start: int
                  np.broadcast_to(t, (B, T))[mask].astype(np.int32), row_start, docs_done)
 
 
-def sink_ids(tok) -> np.ndarray:
-    """Token ids that are attention sinks wherever they occur: the tokenizer's BOS and EOS (when it has them)."""
-    return np.array(sorted({int(i) for i in (getattr(tok, "bos_id", -1), getattr(tok, "eos_id", -1)) if i >= 0}),
-                    np.int64)
+SINK_NAMES = ("<|begin_of_text|>", "<|end_of_text|>", "<|endoftext|>", "<s>", "</s>")
+
+
+def sink_token_ids(tokenizer) -> set[int]:
+    """Token ids that are attention sinks wherever they occur: the tokenizer's BOS / EOS ids and its
+    end-of-text-like specials (<|endoftext|> is SmolLM2's sink). Never training rows; never spliced (sae.evaluate)."""
+    specials = getattr(tokenizer, "special_tokens", None) or {}
+    ids = {getattr(tokenizer, "bos_id", -1), getattr(tokenizer, "eos_id", -1)}
+    ids |= {specials[name] for name in SINK_NAMES if name in specials}
+    return {int(i) for i in ids if i is not None and int(i) >= 0}
 
 
 def plan_batches(docs: Iterable[str], tok, spec: PackSpec, rank: int = 0, world_size: int = 1,
@@ -115,7 +121,7 @@ def plan_batches(docs: Iterable[str], tok, spec: PackSpec, rank: int = 0, world_
     packed in a seeded random order and the chunk's batches come out in a seeded random order (store-free
     training mixes documents so); None: capture's order (longest first, ties in reading order)."""
     skip = 0 if spec.keep_bos else 1
-    sinks = None if spec.keep_bos else sink_ids(tok)
+    sinks = None if spec.keep_bos else np.array(sorted(sink_token_ids(tok)), np.int64)
     row, items, docs_in_chunk, buffered = 0, [], 0, 0
 
     chunk = 0
