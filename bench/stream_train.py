@@ -12,7 +12,8 @@ Speed (one point, one TopK SAE, the same N x B tokens: about one pass over the t
                  (the goal, 4 SAEs < 2x one, needs the forward to dominate; on the tiny model it may not)
 Quality (--seeds): two points trained in ONE store-free run vs the store path (one run per point) with the same
 steps, shapes and seed; both evaluated by sae.evaluate.activation_metrics on the store's held-out split (the same
-documents the store-free run held out). Printed per point: mean and spread over seeds, and the paired difference.
+documents the store-free run held out). Printed per point: mean and spread over seeds, and the paired difference,
+for each --buffer-batches (the store shuffles all rows; the stream mixes within a buffer of that many batches).
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ class BenchConfig:
     k: int = 16
     batch_size: int = 1024
     quality_steps: int = 400
+    buffer_batches: list[int] = field(default_factory=lambda: [16, 64])  # store-free sides of the quality test
     rounds: int = 3
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     threads: int = 1
@@ -63,9 +65,10 @@ def _common(b: BenchConfig, steps: int, seed: int) -> dict:
                 val_every=0, ckpt_every=0, dead_tokens=200_000, init_rows=8192, progress=False, device=b.device)
 
 
-def _stream(b: BenchConfig, out: Path, points: list[str], steps: int, seed: int, ks: list[int], net, tok) -> float:
+def _stream(b: BenchConfig, out: Path, points: list[str], steps: int, seed: int, ks: list[int], net, tok,
+            buffer_batches: int = 16) -> float:
     cfg = StreamTrainConfig(model=b.model, inputs=b.inputs, out=str(out), points=points, **{**_common(b, steps, seed),
-                            "expansion": [b.expansion], "k": ks})
+                            "expansion": [b.expansion], "k": ks, "buffer_batches": buffer_batches})
     t0 = time.perf_counter()
     train_many(cfg, model=net, tok=tok)
     return time.perf_counter() - t0
@@ -114,23 +117,29 @@ def quality(b: BenchConfig, tmp: Path, net, tok) -> None:
     run_capture(CaptureConfig(model=b.model, inputs=b.inputs, out=str(store), points=[b.point, b.point2],
                               device=b.device, progress=False), model=net, tokenizer=tok)
     st = open_store(store)
+    sides = ["store"] + [f"store-free bb{bb}" for bb in b.buffer_batches]
     fvu: dict[tuple[str, str], list[float]] = {}
     for seed in b.seeds:
-        _stream(b, tmp / f"q{seed}", [b.point, b.point2], b.quality_steps, seed, [b.k], net, tok)
+        for bb in b.buffer_batches:
+            _stream(b, tmp / f"q{seed}-{bb}", [b.point, b.point2], b.quality_steps, seed, [b.k], net, tok, bb)
         for p in (b.point, b.point2):
             _store_train(b, store, tmp / f"qs{seed}-{p}", p, b.quality_steps, seed)
-            for path, where in (("store", tmp / f"qs{seed}-{p}" / "sae"),
-                                ("store-free", tmp / f"q{seed}" / p / f"topk-x{b.expansion}-k{b.k}" / "sae")):
-                fvu.setdefault((p, path), []).append(activation_metrics(load(where), st, 4096, point=p)["fvu"])
+            where = [tmp / f"qs{seed}-{p}" / "sae"] + [tmp / f"q{seed}-{bb}" / p / f"topk-x{b.expansion}-k{b.k}" / "sae"
+                                                      for bb in b.buffer_batches]
+            for side, path in zip(sides, where):
+                fvu.setdefault((p, side), []).append(activation_metrics(load(path), st, 4096, point=p)["fvu"])
     print(f"\n== quality: held-out FVU (the store's validation split, {st.num_rows('val'):,} rows), {b.quality_steps} "
-          f"steps x {b.batch_size}, seeds {b.seeds}; two points in one store-free run vs one store run per point")
+          f"steps x {b.batch_size}, seeds {b.seeds}; two points in one store-free run (bbN: --buffer-batches N) vs "
+          f"one store run per point; paired difference = store-free - store, same seed")
+    sd = (lambda v: statistics.stdev(v) if len(v) > 1 else float("nan"))
     for p in (b.point, b.point2):
-        a, s = fvu[(p, "store")], fvu[(p, "store-free")]
-        d = [y - x for x, y in zip(a, s)]
-        sd = (lambda v: statistics.stdev(v) if len(v) > 1 else float("nan"))
-        print(f"{p:26s} store {statistics.mean(a):.4f} +- {sd(a):.4f}   store-free {statistics.mean(s):.4f} +- "
-              f"{sd(s):.4f}   paired diff {statistics.mean(d):+.4f} +- {sd(d):.4f}  (per seed: "
-              + ", ".join(f"{x:.4f}/{y:.4f}" for x, y in zip(a, s)) + ")")
+        ref = fvu[(p, "store")]
+        for side in sides:
+            v = fvu[(p, side)]
+            d = [y - x for x, y in zip(ref, v)]
+            print(f"{p:26s} {side:16s} {statistics.mean(v):.4f} +- {sd(v):.4f}" + ("" if side == "store" else
+                  f"   paired diff {statistics.mean(d):+.4f} +- {sd(d):.4f}") + "   per seed: "
+                  + ", ".join(f"{x:.4f}" for x in v))
 
 
 def main(argv: list[str] | None = None) -> None:

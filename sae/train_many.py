@@ -153,7 +153,7 @@ class StreamTrainer:
                     self.trainers[j.name].init_weights(sample[j.point])
             del sample
         val = held_out(cfg, self.model, self.tok, self.files, self.points, cfg.val_batches * cfg.batch_size,
-                       cfg.val_fraction, info.device) if cfg.val_every else {}
+                       cfg.val_fraction, info.device) if cfg.val_every and cfg.val_fraction > 0 else {}
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "train_config.json")
