@@ -4,7 +4,8 @@
     python bench/stream_train.py --seeds 0             # speed only
     python bench/stream_train.py --model M --inputs data.jsonl --point blocks.15.hook_resid_post --device cuda
 
-Speed (one point, one TopK SAE, the same N x B tokens: about one pass over the training documents):
+Speed (one point, one TopK SAE, the same N x B tokens: whole shuffle rounds within one pass over --corpus-docs
+documents of the tiny model's own training corpus):
   capture+train  scripts/capture.py's job into a temp store, then the store path's Trainer for N steps
   store-free     sae.train_many: the same contexts forwarded on the fly into the shuffle buffer, same N steps
   forward share  seconds in the model's forward / wall seconds of the store-free run
@@ -17,6 +18,7 @@ for each --buffer-batches (the store shuffles all rows; the stream mixes within 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import sys
@@ -52,8 +54,9 @@ class BenchConfig:
     expansion: int = 8
     k: int = 16
     batch_size: int = 1024
+    corpus_docs: int = 2500  # speed on this many documents of the tiny model's training corpus (0: --inputs)
     quality_steps: int = 400
-    buffer_batches: list[int] = field(default_factory=lambda: [16, 64])  # store-free sides of the quality test
+    buffer_batches: list[int] = field(default_factory=lambda: [16, 0])  # store-free sides of quality (0: default)
     rounds: int = 3
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     threads: int = 1
@@ -66,7 +69,7 @@ def _common(b: BenchConfig, steps: int, seed: int) -> dict:
 
 
 def _stream(b: BenchConfig, out: Path, points: list[str], steps: int, seed: int, ks: list[int], net, tok,
-            buffer_batches: int = 16) -> float:
+            buffer_batches: int = 0) -> float:
     cfg = StreamTrainConfig(model=b.model, inputs=b.inputs, out=str(out), points=points, **{**_common(b, steps, seed),
                             "expansion": [b.expansion], "k": ks, "buffer_batches": buffer_batches})
     t0 = time.perf_counter()
@@ -82,6 +85,10 @@ def _store_train(b: BenchConfig, store: Path, out: Path, point: str, steps: int,
 
 
 def speed(b: BenchConfig, tmp: Path, net, tok) -> None:
+    if b.corpus_docs and not b.inputs and Path(b.model).resolve() == (ROOT / "weights" / "tiny").resolve():
+        from llama.tiny.corpus import build_corpus
+        (tmp / "corpus.txt").write_text("\n".join(build_corpus().train[:b.corpus_docs]) + "\n")
+        b = dataclasses.replace(b, inputs=[str(tmp / "corpus.txt")])
     t_cap, t_train, t_sf, t_n = [], [], [], {2: [], 4: []}
     m: dict = {}
     for r in range(b.rounds):  # alternate the sides; medians (the machine is shared)
@@ -90,8 +97,9 @@ def speed(b: BenchConfig, tmp: Path, net, tok) -> None:
                                   device=b.device, progress=False), model=net, tokenizer=tok)
         t_cap.append(time.perf_counter() - t0)
         rows = open_store(tmp / f"store1-{r}").num_rows("train")
-        # whole shuffle rounds (16 batches each), so neither side computes rows it does not train on
-        steps = 16 * -(-rows // (16 * b.batch_size))
+        # whole shuffle rounds within one pass: store-free forwards exactly what it trains on, capture one pass
+        bb = StreamTrainConfig(batch_size=b.batch_size).buffer_batches_for(1)
+        steps = bb * max(1, rows // (bb * b.batch_size))
         t_train.append(_store_train(b, tmp / f"store1-{r}", tmp / f"st{r}", b.point, steps, 0))
         t_sf.append(_stream(b, tmp / f"sf1-{r}", [b.point], steps, 0, [b.k], net, tok))
         m = json.loads((tmp / f"sf1-{r}" / b.point / f"topk-x{b.expansion}-k{b.k}" / "metrics.jsonl").read_text()
@@ -102,7 +110,8 @@ def speed(b: BenchConfig, tmp: Path, net, tok) -> None:
     cap, trn, sf = med(t_cap), med(t_train), med(t_sf)
     tokens = steps * b.batch_size
     print(f"\n== speed: {tokens:,} tokens ({steps} steps x {b.batch_size}; {tokens / rows:.2f} passes over {rows:,} "
-          f"training rows), {b.expansion}x latents, k={b.k}, medians of {b.rounds} alternating rounds")
+          f"training rows), {b.expansion}x latents, k={b.k}, buffer {bb} batches, medians of {b.rounds} alternating "
+          f"rounds")
     print(f"capture+train   {cap + trn:7.2f} s  ({cap:.2f} capture + {trn:.2f} train)  {tokens / (cap + trn):10,.0f} tok/s")
     print(f"store-free      {sf:7.2f} s  {tokens / sf:40,.0f} tok/s   (capture+train) / store-free = "
           f"{(cap + trn) / sf:.2f}")
@@ -117,7 +126,8 @@ def quality(b: BenchConfig, tmp: Path, net, tok) -> None:
     run_capture(CaptureConfig(model=b.model, inputs=b.inputs, out=str(store), points=[b.point, b.point2],
                               device=b.device, progress=False), model=net, tokenizer=tok)
     st = open_store(store)
-    sides = ["store"] + [f"store-free bb{bb}" for bb in b.buffer_batches]
+    auto = StreamTrainConfig(batch_size=b.batch_size).buffer_batches_for(1)
+    sides = ["store"] + [f"store-free bb{bb or f'{auto} (default)'}" for bb in b.buffer_batches]
     fvu: dict[tuple[str, str], list[float]] = {}
     for seed in b.seeds:
         for bb in b.buffer_batches:
@@ -137,7 +147,7 @@ def quality(b: BenchConfig, tmp: Path, net, tok) -> None:
         for side in sides:
             v = fvu[(p, side)]
             d = [y - x for x, y in zip(ref, v)]
-            print(f"{p:26s} {side:16s} {statistics.mean(v):.4f} +- {sd(v):.4f}" + ("" if side == "store" else
+            print(f"{p:26s} {side:26s} {statistics.mean(v):.4f} +- {sd(v):.4f}" + ("" if side == "store" else
                   f"   paired diff {statistics.mean(d):+.4f} +- {sd(d):.4f}") + "   per seed: "
                   + ", ".join(f"{x:.4f}" for x in v))
 

@@ -76,7 +76,8 @@ class StreamTrainer:
                      "sources": [file_fingerprint(f) for f in self.files], "data_shards": self.S,
                      "saes": {j.name: [j.cfg.architecture, j.cfg.n_latents, j.cfg.k] for j in self.jobs},
                      "context": {k: getattr(cfg, k) for k in ROW_SETTINGS if hasattr(cfg, k)},
-                     "data": {k: getattr(cfg, k) for k in ("val_fraction", "buffer_batches", "batch_size", "seed")}}
+                     "data": {"buffer_batches": cfg.buffer_batches_for(self.S),
+                              **{k: getattr(cfg, k) for k in ("val_fraction", "batch_size", "seed")}}}
         self.step = 0
 
     def writes(self, job: Job) -> bool:
@@ -138,7 +139,7 @@ class StreamTrainer:
         self.step = self.load_checkpoint() if cfg.resume else 0
         per_shard = cfg.batch_size // self.S
         stream = open_stream(cfg, self.model, self.tok, self.files, self.points, self.shards, self.S, per_shard,
-                             cfg.buffer_batches, cfg.seed, self.step, cfg.val_fraction, info.device)
+                             cfg.buffer_batches_for(self.S), cfg.seed, self.step, cfg.val_fraction, info.device)
         try:
             return self._run(stream, callback)
         finally:
@@ -146,14 +147,15 @@ class StreamTrainer:
 
     def _run(self, stream, callback) -> ManyResult:
         cfg, info = self.cfg, self.info
+        val = held_out(cfg, self.model, self.tok, self.files, self.points, cfg.val_batches * cfg.batch_size,
+                       cfg.val_fraction, info.device) if cfg.val_every and cfg.val_fraction > 0 else {}
+        t0, step0, sae_s, fwd0 = time.perf_counter(), self.step, 0.0, stream.timer.seconds
         if self.step == 0:  # scale and b_dec of every SAE from one sample of the first round, the same on all ranks
             sample = {p: dist.all_gather(x.float()) for p, x in stream.sample(-(-cfg.init_rows // self.S)).items()}
             with self._solo():
                 for j in self.mine:
                     self.trainers[j.name].init_weights(sample[j.point])
             del sample
-        val = held_out(cfg, self.model, self.tok, self.files, self.points, cfg.val_batches * cfg.batch_size,
-                       cfg.val_fraction, info.device) if cfg.val_every and cfg.val_fraction > 0 else {}
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "train_config.json")
@@ -166,7 +168,6 @@ class StreamTrainer:
         bar = progress_bar(total=cfg.steps, initial=self.step, disable=not (info.is_main and cfg.progress),
                            desc=f"{len(self.jobs)} SAE(s) on {len(self.points)} point(s)", unit="step")
         last: dict[str, dict[str, float]] = {j.name: {} for j in self.mine}
-        t0, step0, sae_s, fwd0 = time.perf_counter(), self.step, 0.0, stream.timer.seconds
         cuda = info.device.type == "cuda"
         try:
             while self.step < cfg.steps:
