@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         res = tr.run()
         dt = time.perf_counter() - t0
-    m = activation_metrics(res.sae, src, batch_size=4096, max_batches=64)
+    m = activation_metrics(res.sae, src, batch_size=4096)
     dead_trained = float((tr.tokens_since_fired >= b.dead_tokens).float().mean())
     rec = recovery(data.features, res.sae.W_dec)
     w = res.sae.W_dec.detach().float()

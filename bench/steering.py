@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from llama.cli import UserError, atomic_write_json, parse_config, run_main, save_config  # noqa: E402
+from llama.cli import UserError, atomic_write_json, parse_config, repo_path, run_main, save_config  # noqa: E402
 
 
 @dataclass
@@ -57,7 +57,7 @@ def quick_sae(cfg: SteeringBenchConfig, model: torch.nn.Module, tok, text: Path,
     x = torch.cat(rows).float()
     print(f"captured {x.shape[0]} rows of {x.shape[1]} at {hook}")
     tcfg = TrainConfig(out=str(out / "train"), steps=cfg.train_steps, batch_size=1024, expansion=8, k=16,
-                       val_every=0, ckpt_every=0, log_every=50, warmup_steps=50, init_rows=8192, progress=True)
+                       overwrite=True, val_every=0, ckpt_every=0, log_every=50, warmup_steps=50, init_rows=8192, progress=True)
     res = train(tcfg, TensorSource(x, manifest={"hook_name": hook, "model": cfg.model}))
     print(f"quick SAE: {res.metrics}")
     return save(res.sae, out / "sae")
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     from llama.checkpoint import load_model
     from llama.tokenizer import Tokenizer
     torch.set_num_threads(cfg.threads)
+    cfg.model = str(repo_path(cfg.model))  # weights/tiny from any folder
     if not (Path(cfg.model) / "params.json").is_file() and not (Path(cfg.model) / "config.json").is_file():
         raise UserError(f"--model {cfg.model}: no checkpoint there (train the tiny one: python scripts/train_tiny_llama.py)")
     model = load_model(cfg.model).eval()

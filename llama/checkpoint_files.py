@@ -4,6 +4,7 @@ Meta layout: params.json + consolidated.00.pth (names are already ours; read wit
 a pickle can never run code and nothing is read before it is needed).
 HF layout: config.json + model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json.
 HF renames every tensor (HF_TO_META below) and stores the rows of wq/wk in "rotate-half" order; we undo that.
+GGUF: a single .gguf file (llama.cpp), read by llama/gguf_file.py.
 `llama.checkpoint.load_model` turns the stream into a model.
 """
 from __future__ import annotations
@@ -45,12 +46,15 @@ class Tensors(NamedTuple):
 
 
 def read_checkpoint(folder: Path) -> Tensors:
-    """Detect the layout of `folder` and return its ModelArgs plus a lazy stream of (name, tensor, file)."""
+    """Detect the layout of `folder` (or a GGUF file) -> its ModelArgs plus a lazy stream of (name, tensor, file)."""
     if not folder.exists():
         raise UserError(f"checkpoint folder {folder} does not exist")
+    if folder.is_file() and (folder.suffix.lower() == ".gguf" or is_gguf(folder)):
+        from llama.gguf_file import read_gguf  # a GGUF file (llama.cpp): detected by its magic bytes
+        return read_gguf(folder)
     if not folder.is_dir():
-        raise UserError(f"checkpoint path {folder} is a file; expected a folder with params.json + consolidated.00.pth"
-                        " (Meta) or config.json + model.safetensors (HF)")
+        raise UserError(f"checkpoint path {folder} is a file but not a GGUF file; expected a .gguf file or a folder "
+                        "with params.json + consolidated.00.pth (Meta) or config.json + model.safetensors (HF)")
     if (folder / "params.json").exists():
         return read_meta(folder)
     if (folder / "config.json").exists():
@@ -251,6 +255,15 @@ def _ffn_rule(dim: int, hidden: int, file: Path) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------------------- helpers
+def is_gguf(file: Path) -> bool:
+    """A file that starts with GGUF's magic bytes (llama/gguf_file.py reads it)."""
+    try:
+        with open(file, "rb") as fh:
+            return fh.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
 def _read_json(file: Path) -> dict[str, Any]:
     try:
         data = json.loads(file.read_text())

@@ -32,6 +32,16 @@ T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[1]  # the checkout: repo-relative defaults (weights/tiny) resolve here
 
 
+def repo_path(path: str | os.PathLike) -> Path:
+    """A path naming a file of the checkout (weights/tiny, weights/tiny/heldout.txt), usable from any folder: as
+    given when it exists from the current folder or is absolute, else the same relative path inside REPO when that
+    exists there, else unchanged (so the caller's error names the path the user typed)."""
+    p = Path(path)
+    if p.is_absolute() or p.exists() or not str(path):
+        return p
+    return REPO / p if (REPO / p).exists() else p
+
+
 class _LineWriter:
     """A progress bar's stream when stderr is not a terminal: each refresh becomes one plain line (no \\r)."""
 
@@ -55,6 +65,15 @@ def progress_bar(iterable: Any = None, **kw: Any) -> Any:
         kw.update(file=_LineWriter(stream), mininterval=max(float(kw.get("mininterval", 0.1)), 30.0),
                   maxinterval=max(float(kw.get("maxinterval", 10.0)), 60.0), dynamic_ncols=False)
     return tqdm(iterable, **kw)
+
+
+def _close_progress_bars() -> None:
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 class UserError(Exception):
@@ -140,12 +159,27 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux tells it (/proc), else set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
-    """Call write(file) on a temp file in the same folder, fsync, rename: readers never see half a file."""
+    """Call write(file) on a temp file in the same folder, fsync, rename: readers never see half a file.
+    The file gets the mode a plain open() would give it (0666 less the umask), not mkstemp's private 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
@@ -180,6 +214,7 @@ def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = N
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
+        _close_progress_bars()  # so "interrupted" gets a line of its own, not the end of a bar's
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(rc if isinstance(rc, int) else 0)

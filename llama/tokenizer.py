@@ -21,7 +21,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import AbstractSet, Collection, Iterator, Literal, Sequence
 
-from llama.cli import UserError
+from llama.cli import UserError, repo_path
 
 SpecialSet = Literal["all"] | AbstractSet[str]
 SpecialCollection = Literal["all"] | Collection[str]
@@ -114,7 +114,7 @@ class Tokenizer(ABC):
 
 
 def find_tokenizer_file(path: str | Path) -> Path:
-    p = Path(path)
+    p = repo_path(path)  # "weights/tiny" from any folder
     if p.is_dir():
         for cand in (p / "tokenizer.model", p / "original" / "tokenizer.model", p / "tokenizer.json"):
             if cand.is_file():

@@ -94,6 +94,8 @@ class TrainConfig:
     val_batches: int = 8
     ckpt_every: int = field(default=1000, metadata={"help": "atomic checkpoint every N steps (0: only at end)"})
     resume: bool = field(default=False, metadata={"help": "continue exactly from OUT/checkpoint.pt"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the run already in OUT (its SAE, checkpoint, "
+                                                             "metrics and the SAE's results there)"})
     wandb_project: str = field(default="", metadata={"help": "log to Weights & Biases (when installed)"})
     progress: bool = True
 

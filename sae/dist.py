@@ -164,3 +164,33 @@ def cleanup() -> None:
     _group_device = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class StopVote:
+    """Agree across ranks on the step after which training stops (a signal may reach some ranks only, or reach
+    them at different moments). Each call posts this rank's flag (an async all-reduce MAX on a CPU gloo group:
+    no GPU synchronisation) and returns the result posted on the previous call, so every rank stops after the same
+    step, one step after the first rank saw the signal. On one process it returns the flag itself."""
+
+    def __init__(self) -> None:
+        self.group = dist.new_group(backend="gloo") if active() else None
+        self.pending: tuple[dist.Work, Tensor] | None = None
+        self.stopped = False
+
+    def __call__(self, local_stop: bool) -> bool:
+        if self.group is None:
+            self.stopped = bool(local_stop)
+            return self.stopped
+        if self.pending is not None:
+            work, flag = self.pending
+            work.wait()
+            self.stopped = bool(flag.item())
+        flag = torch.tensor([int(bool(local_stop))], dtype=torch.int32)
+        self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
+        return self.stopped
+
+    def close(self) -> None:
+        """Wait for the vote still in flight (every rank posted it), before the process group goes away."""
+        if self.pending is not None:
+            self.pending[0].wait()
+            self.pending = None

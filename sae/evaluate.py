@@ -27,20 +27,23 @@ from sae.activations.packing import SINK_NAMES, sink_token_ids  # noqa: F401  (o
 from sae.loss import ce_loss_recovered, fire_counts, usage
 from sae.model import SAE
 
+MAX_TOKENS = 1 << 20  # held-out rows for the activation metrics: the whole validation split up to this many
+
 
 @torch.no_grad()
-def activation_metrics(sae: SAE, source: Any, batch_size: int = 4096, max_batches: int = 64, split: str = "val",
-                       point: str | None = None, bins: int = 20) -> dict[str, Any]:
-    """Pooled over up to `max_batches` held-out batches: FVU = sum||x - x_hat||^2 / sum||x - mean||^2."""
+def activation_metrics(sae: SAE, source: Any, batch_size: int = 4096, max_tokens: int = MAX_TOKENS,
+                       split: str = "val", point: str | None = None, bins: int = 20) -> dict[str, Any]:
+    """Pooled over every row of the held-out split, up to `max_tokens` (in store order, read `batch_size` rows at a
+    time): FVU = sum||x - x_hat||^2 / sum||x - mean||^2. "tokens" says how many rows that was."""
     sae.eval()
     n = sae.cfg.n_latents
     counts = torch.zeros(n, dtype=torch.long, device=sae.device)
     err = sxx = 0.0
     sum_x = torch.zeros(sae.cfg.d_in, dtype=torch.float64, device=sae.device)
     tokens, l0_sum = 0, 0.0
-    batch_size = min(batch_size, source.num_rows(split))
-    it = source.batches(batch_size, split=split, seed=0, device=sae.device, loop=False, point=point)
-    for _, x in zip(range(max_batches), it):
+    n_rows = min(source.num_rows(split), max_tokens)
+    for i0 in range(0, n_rows, batch_size):
+        x = source.rows(i0, min(i0 + batch_size, n_rows), split=split, point=point).to(sae.device, torch.float32)
         acts, idx = sae.encode(x)
         x_hat = sae.decode(acts, idx, like=x).float()
         xd = x.double()
@@ -162,13 +165,15 @@ class EvalConfig:
     """Flags of `scripts/evaluate.py`."""
     sae: str = field(default="", metadata={"help": "SAE folder (cfg.json + sae_weights.safetensors)"})
     store: str = field(default="", metadata={"help": "activation store: L0/FVU/dead/dense on its held-out split"})
-    model: str = field(default="", metadata={"help": "Llama folder for CE-loss recovered (default: the SAE's model)"})
+    model: str = field(default="", metadata={"help": "Llama folder, .gguf file or name (smollm2) for CE-loss "
+                                                    "recovered (default: the SAE's model)"})
     text: list[str] = field(default_factory=list, metadata={"help": "held-out text files (.txt/.jsonl/.parquet)"})
     seq_len: int = 128
     max_seqs: int = field(default=64, metadata={"help": "held-out sequences for the LM metrics"})
     lm_batch_size: int = 8
     act_batch_size: int = 4096
-    max_batches: int = field(default=64, metadata={"help": "held-out activation batches"})
+    max_tokens: int = field(default=MAX_TOKENS, metadata={"help": "held-out rows for L0/FVU/dead/dense: the store's "
+                                                                  "whole validation split, up to this many"})
     out: str = field(default="", metadata={"help": "output folder (default: the SAE folder)"})
     device: str = "cpu"
 
@@ -186,14 +191,17 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
         point = sae.cfg.hook_name or None
         store = open_store(cfg.store)
         points = store.manifest.get("points") or []
-        metrics.update(activation_metrics(sae, store, cfg.act_batch_size, cfg.max_batches,
+        metrics.update(activation_metrics(sae, store, cfg.act_batch_size, cfg.max_tokens,
                                           point=point if point in points else None))
+        capped = ", capped by --max-tokens" if metrics["tokens"] == cfg.max_tokens < store.num_rows("val") else ""
+        print(f"L0, FVU, dead/dense on {metrics['tokens']:,} held-out tokens: the validation split of {cfg.store} "
+              f"({store.val_fraction:.0%} of its documents{capped})")
     if cfg.text:
         import llama
         from sae.activations.inputs import expand_inputs, iter_documents
-        model_dir = cfg.model or sae.cfg.model
+        model_dir = str(llama.resolve_model(cfg.model or sae.cfg.model)) if (cfg.model or sae.cfg.model) else ""
         if not model_dir or not Path(model_dir).exists():
-            raise UserError(f"--model {model_dir!r}: no such model folder (needed for the LM metrics)")
+            raise UserError(f"--model {model_dir!r}: no such model folder or file (needed for the LM metrics)")
         model = llama.load_model(model_dir, device=cfg.device, dtype=torch.float32)
         tok = llama.Tokenizer.from_file(model_dir)
         tokens = tokenize_documents(tok, iter_documents(expand_inputs(list(cfg.text))), cfg.seq_len, cfg.max_seqs)
@@ -204,4 +212,5 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     atomic_write_json(out / "eval.json", metrics)
     atomic_write_bytes(out / "eval.txt", (format_table(metrics) + "\n").encode())
     save_config(cfg, out / "eval_config.json")
+    print(f"wrote {out / 'eval.json'}, eval.txt and eval_config.json{' (into the SAE folder)' if not cfg.out else ''}")
     return metrics

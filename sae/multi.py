@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from llama.cli import UserError
 from sae.activations.capture import ContextConfig
+from sae import train_folder
 from sae.config import ARCHITECTURES, TrainConfig
 
 
@@ -32,8 +34,6 @@ class StreamTrainConfig(TrainConfig, ContextConfig):
         "help": "n_latents = expansion * d_model, one or more (unless --n-latents)"})
     n_latents: list[int] = field(default_factory=list, metadata={"help": "numbers of latents (overrides --expansion)"})
     k: list[int] = field(default_factory=lambda: [32], metadata={"help": "active latents per token, one or more"})
-    val_fraction: float = field(default=0.05, metadata={
-        "help": "store-free: documents held out for validation (the store's split: a hash of the document id)"})
     buffer_batches: int = field(default=0, metadata={
         "help": "store-free: shuffle buffer of this many SAE batches of rows per point and data shard (0: enough "
                 "for 16 SAE batches and 8 forward batches, see buffer_batches_for; memory per rank: points x "
@@ -52,8 +52,6 @@ class StreamTrainConfig(TrainConfig, ContextConfig):
         if any(v <= 0 for v in [*self.expansion, *self.n_latents, *self.k]):
             raise UserError(f"--expansion, --n-latents and --k must be positive, got {self.expansion}, "
                             f"{self.n_latents}, {self.k}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise UserError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.buffer_batches < 0 or self.data_shards < 0:
             raise UserError(f"--buffer-batches and --data-shards must be >= 0, got {self.buffer_batches}, "
                             f"{self.data_shards}")
@@ -118,6 +116,34 @@ def plan_jobs(cfg: StreamTrainConfig, d_model: int, points: list[str], world_siz
                               "point": point, "out": str(Path(cfg.out) / point / shape)})
         jobs.append(Job(point, shape, tcfg, owners[i]))
     return jobs
+
+
+RUN_FILES = ("checkpoint.json", "train_config.json", "summary.json", "summary.txt")
+
+
+def prepare_out(out: Path, jobs: list[Job], resume: bool, overwrite: bool, is_main: bool = True) -> None:
+    """sae.train_folder's rule for a store-free OUT: a folder that holds a run (or results of one of its SAEs) is
+    refused unless --resume continues it (from OUT/checkpoint.json) or --overwrite deletes that run first."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    if resume and overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite deletes it: give one of them")
+    if resume:
+        if not (out / "checkpoint.json").is_file():
+            raise UserError(f"--resume: nothing to resume, {out / 'checkpoint.json'} does not exist; drop --resume "
+                            f"to start a new run")
+        return
+    old = [out / n for n in RUN_FILES if (out / n).exists()]
+    for j in jobs:
+        old += [*train_folder.previous_run(j.out), *sorted(j.out.glob("checkpoint-*.pt"))]
+    if old and not overwrite:
+        names = ", ".join(str(p.relative_to(out)) for p in old[:6]) + (", ..." if len(old) > 6 else "")
+        raise UserError(f"--out {out} already holds a training run or results of its SAEs ({names}); pass --resume "
+                        f"to continue it, --overwrite to delete all of that and train anew, or choose another --out")
+    if old and is_main:
+        for p in old:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        print(f"--overwrite: deleted the previous run in {out} ({len(old)} files and folders)")
 
 
 SUMMARY_KEYS = ("fvu", "val_fvu", "l0", "val_l0", "dead", "dense", "auxk")

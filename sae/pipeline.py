@@ -16,10 +16,13 @@ from llama.cli import parse_config, save_config
 
 @dataclass
 class DemoConfig:
-    model: str = field(default="weights/tiny", metadata={"help": "model folder (Meta or HF layout)"})
+    model: str = field(default="weights/tiny", metadata={"help": "model folder (Meta or HF layout), .gguf file, "
+                                                                 "or a name: smollm2"})
     text: str = field(default="", metadata={"help": "text to capture and evaluate on (default: <model>/heldout.txt)"})
     out: str = field(default="runs/demo", metadata={"help": "output folder for every stage"})
     point: str = field(default="", metadata={"help": "capture point (default: resid_post at ~2/3 depth)"})
+    val_fraction: float = field(default=0.25, metadata={"help": "documents held out for validation and the FVU (the "
+                                                                "tiny text is small: a quarter gives ~6k tokens)"})
     expansion: int = field(default=8, metadata={"help": "n_latents = expansion * d_model"})
     k: int = field(default=16, metadata={"help": "active latents per token"})
     steps: int = field(default=1500, metadata={"help": "SAE optimizer steps"})
@@ -57,23 +60,31 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "demo_config.json")
-    text = cfg.text or str(Path(cfg.model) / "heldout.txt")
+    from llama.checkpoint import resolve_model
+    from llama.cli import UserError
+    if not cfg.text and resolve_model(cfg.model).is_file():
+        raise UserError(f"--text: give the text to capture and evaluate on (--model {cfg.model} is a file, with no "
+                        "heldout.txt beside it)")
+    text = cfg.text or str(resolve_model(cfg.model) / "heldout.txt")  # every stage finds weights/tiny from any folder
     store, train_dir = out / "activations", out / "sae"
     progress = ["--progress", str(cfg.progress)]
 
-    argv = ["--model", cfg.model, "--inputs", text, "--out", str(store), "--device", cfg.device, *progress]
+    argv = ["--model", cfg.model, "--inputs", text, "--out", str(store), "--val-fraction", str(cfg.val_fraction),
+            "--overwrite", "--device", cfg.device, *progress]  # --overwrite: a store of other settings is replaced
     run_capture(_stage("1/5 capture the residual stream", "capture.py", CaptureConfig,
                        argv + (["--points", cfg.point] if cfg.point else [])))
 
     argv = ["--store", str(store), "--out", str(train_dir), "--expansion", str(cfg.expansion), "--k", str(cfg.k),
             "--steps", str(cfg.steps), "--batch-size", str(cfg.batch_size), "--dead-tokens", str(cfg.dead_tokens),
-            "--device", cfg.device, *progress]
+            "--device", cfg.device, "--overwrite", *progress]  # a rerun of the demo retrains its SAE
     tcfg = _stage("2/5 train a TopK SAE", "train_sae.py", TrainConfig, argv)
     info = dist.init(tcfg.device)
     try:
-        train(tcfg, open_source(tcfg.store), info)
+        stopped = train(tcfg, open_source(tcfg.store), info).stopped
     finally:
         dist.cleanup()
+    if stopped:  # Ctrl-C: the trainer wrote its checkpoint and said so; the demo ends here
+        raise KeyboardInterrupt
     sae_dir = train_dir / "sae"
 
     argv = ["--sae", str(sae_dir), "--store", str(store), "--model", cfg.model, "--text", text, "--device", cfg.device]

@@ -17,7 +17,8 @@ from typing import Any, Callable, NamedTuple
 import torch
 
 from llama.cli import UserError, atomic_write_bytes, progress_bar, save_config
-from sae import dist
+from llama.stop import StopSignals
+from sae import dist, train_folder
 from sae.config import SAEConfig, TrainConfig
 from sae.formats import save as save_sae
 from sae.loss import fire_counts, l0, usage
@@ -29,6 +30,7 @@ class TrainResult(NamedTuple):
     step: int
     metrics: dict[str, float]
     out_dir: Path
+    stopped: str = ""  # what stopped the run early (SIGINT, SIGTERM, "another rank"); "" when it ran to the end
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -206,8 +208,13 @@ class Trainer:
 
     # ---- the loop --------------------------------------------------------------------------------------
     def run(self, callback: Callable[[int, SAE], None] | None = None) -> TrainResult:
+        """Train to cfg.steps; SIGINT / SIGTERM end it early after the current step, with a checkpoint."""
+        with StopSignals() as self.stop:
+            return self._run(callback)
+
+    def _run(self, callback: Callable[[int, SAE], None] | None = None) -> TrainResult:
         cfg, main = self.cfg, self.info.is_main
-        resumed = cfg.resume and self.load_checkpoint()
+        resumed = train_folder.prepare(self.out, cfg.resume, cfg.overwrite, main) and self.load_checkpoint()
         if not resumed:
             self.init_weights()
         if main:
@@ -220,6 +227,7 @@ class Trainer:
         bar = progress_bar(total=cfg.steps, initial=self.step, disable=not (main and cfg.progress), desc="sae", unit="step")
         metrics: dict[str, float] = {}
         t0, tok0 = time.perf_counter(), self.step
+        halt = dist.StopVote()
         while self.step < cfg.steps:
             metrics = self.train_step(next(it))
             self.step += 1
@@ -239,8 +247,13 @@ class Trainer:
                 self.save_checkpoint()
             if callback is not None:
                 callback(self.step, self.sae)
+            if halt(bool(self.stop)):
+                break
+        halt.close()
         bar.close()
         log.close()
+        if halt.stopped and self.step < cfg.steps:
+            return self._stopped(metrics)
         final = self.final_sae()
         if main:
             save_sae(final, self.out / "sae", extra={"train_steps": self.step, "train_tokens": self.step * cfg.batch_size})
@@ -254,6 +267,16 @@ class Trainer:
         self.window_tokens = 0
         return {"step": self.step, "lr": self.sched.get_last_lr()[0], "dense": use.dense_fraction,
                 "unfired_window": use.dead_fraction}
+
+    def _stopped(self, metrics: dict[str, float]) -> TrainResult:
+        """After a signal: checkpoint (unless this step just wrote one) and say where the run stands."""
+        if not (self.cfg.ckpt_every and self.step % self.cfg.ckpt_every == 0):
+            self.save_checkpoint()
+        why = self.stop.name or "a signal on another rank"
+        if self.info.is_main:
+            print(f"stopped by {why} after step {self.step} of {self.cfg.steps}; checkpoint written to "
+                  f"{self.ckpt_path} ({self.out / 'sae'} is written when the run finishes)", flush=True)
+        return TrainResult(self.sae, self.step, metrics, self.out, stopped=self.stop.name or "another rank")
 
     def final_sae(self) -> SAE:
         """The trained SAE, or with --ema-decay the EMA of its weights. An average of unit-norm decoder rows is

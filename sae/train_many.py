@@ -28,6 +28,7 @@ import torch
 import torch.distributed as tdist
 
 from llama.cli import UserError, atomic_write_bytes, atomic_write_json, progress_bar, save_config
+from llama.stop import StopSignals
 from sae import dist
 from sae.activations.capture import (ROW_SETTINGS, checkpoint_hash, load_model_and_tokenizer, resolve_context,
                                      resolve_points)
@@ -36,14 +37,15 @@ from sae.activations.source import TensorSource
 from sae.activations.stream import held_out, open_stream
 from sae.evaluate import activation_metrics
 from sae.formats import save as save_sae
-from sae.multi import SUMMARY_KEYS, Job, StreamTrainConfig, plan_jobs, summary_table
+from sae.multi import SUMMARY_KEYS, Job, StreamTrainConfig, plan_jobs, prepare_out, summary_table
 from sae.train import Trainer, _MetricsLog
 
 
 class ManyResult(NamedTuple):
     step: int
-    summary: list[dict[str, Any]]  # one row per SAE (every rank gets all of them)
+    summary: list[dict[str, Any]]  # one row per SAE (every rank gets all of them); empty when stopped early
     out_dir: Path
+    stopped: str = ""  # what stopped the run early (SIGINT, SIGTERM, "another rank"); "" when it ran to the end
 
 
 class StreamTrainer:
@@ -128,20 +130,23 @@ class StreamTrainer:
     def validate(self, tr: Trainer, x: torch.Tensor | None) -> dict[str, float]:
         if x is None:
             return {}
-        m = activation_metrics(tr.sae, TensorSource(x.float(), val_fraction=1.0), min(len(x), tr.cfg.batch_size),
-                               max_batches=10**9)
+        m = activation_metrics(tr.sae, TensorSource(x.float(), val_fraction=1.0), tr.cfg.batch_size, max_tokens=len(x))
         tr.sae.train()
         return {"val_fvu": m["fvu"], "val_l0": m["l0"], "val_dead": m["dead_fraction"]}
 
     # ---- the loop ----------------------------------------------------------------------------------------------
     def run(self, callback: Callable[[int, "StreamTrainer"], None] | None = None) -> ManyResult:
+        """Train to cfg.steps; SIGINT / SIGTERM end it early after the current step, with a checkpoint."""
         cfg, info = self.cfg, self.info
+        prepare_out(self.out, self.jobs, cfg.resume, cfg.overwrite, info.is_main)
+        dist.barrier()
         self.step = self.load_checkpoint() if cfg.resume else 0
         per_shard = cfg.batch_size // self.S
         stream = open_stream(cfg, self.model, self.tok, self.files, self.points, self.shards, self.S, per_shard,
                              cfg.buffer_batches_for(self.S), cfg.seed, self.step, cfg.val_fraction, info.device)
         try:
-            return self._run(stream, callback)
+            with StopSignals() as self.stop:
+                return self._run(stream, callback)
         finally:
             stream.close()
 
@@ -169,6 +174,7 @@ class StreamTrainer:
                            desc=f"{len(self.jobs)} SAE(s) on {len(self.points)} point(s)", unit="step")
         last: dict[str, dict[str, float]] = {j.name: {} for j in self.mine}
         cuda = info.device.type == "cuda"
+        halt = dist.StopVote()
         try:
             while self.step < cfg.steps:
                 batch = stream.next()
@@ -210,15 +216,20 @@ class StreamTrainer:
                                     f"tok/s | {rates['forward_fraction']:.0%} in forward", refresh=False)
                 if callback is not None:
                     callback(self.step, self)
-        except KeyboardInterrupt:
-            if info.world_size == 1 and self.step > 0:
-                self.save_checkpoint(self.step)
-                print(f"\ninterrupted at step {self.step}: checkpoint saved; rerun with --resume to continue")
-            raise
+                if halt(bool(self.stop)):
+                    break
+            halt.close()
         finally:
             bar.close()
             for log in logs.values():
                 log.close()
+        if halt.stopped and self.step < cfg.steps:  # a signal: checkpoint this step (unless it just was), say so
+            if not (cfg.ckpt_every and self.step % cfg.ckpt_every == 0):
+                self.save_checkpoint(self.step)
+            if info.is_main:
+                print(f"stopped by {self.stop.name or 'a signal on another rank'} after step {self.step} of "
+                      f"{cfg.steps}; checkpoint written to {self.out / 'checkpoint.json'}", flush=True)
+            return ManyResult(self.step, [], self.out, stopped=self.stop.name or "another rank")
         return self._finish(last)
 
     def _finish(self, last: dict[str, dict[str, float]]) -> ManyResult:

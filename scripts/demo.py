@@ -5,7 +5,7 @@
     python scripts/demo.py                      # weights/tiny on its held-out text, outputs under runs/demo/
     python scripts/demo.py --steps 3000 --k 32  # any stage setting; each stage's exact command is printed
 
-Re-running resumes the capture (already complete) and retrains the SAE.
+Re-running finds the capture complete (or replaces a store of other settings) and retrains the SAE.
 """
 from __future__ import annotations
 

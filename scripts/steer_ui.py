@@ -19,7 +19,8 @@ from llama.cli import UserError, parse_config, run_main  # noqa: E402
 @dataclass
 class SteerUIConfig:
     sae: str = field(default="", metadata={"help": "SAE folder (cfg.json + sae_weights.safetensors)"})
-    model: str = field(default="weights/tiny", metadata={"help": "model folder the SAE was trained on"})
+    model: str = field(default="weights/tiny", metadata={"help": "model the SAE was trained on (folder, .gguf "
+                                                                 "file, or a name: smollm2)"})
     tokenizer: str = field(default="", metadata={"help": "tokenizer file or folder (default: --model)"})
     labels: str = field(default="", metadata={"help": "labels.json from scripts/interpret.py (latent search by label)"})
     host: str = field(default="127.0.0.1", metadata={"help": "loopback address to bind"})

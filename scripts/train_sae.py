@@ -10,6 +10,8 @@
 --store is a store folder (scripts/capture.py) or a .pt file holding one [rows, d_model] tensor.
 Writes OUT/sae/ (SAELens-style cfg.json + sae_weights.safetensors), OUT/checkpoint.pt, OUT/metrics.jsonl,
 OUT/train_config.json. Re-run the same command with --resume to continue exactly where a killed run stopped.
+Ctrl-C (or SIGTERM) finishes the current step, writes OUT/checkpoint.pt and prints the command that resumes.
+An --out that already holds a run is refused: --resume continues it, --overwrite replaces it and its results.
 Without --store: contexts exactly as scripts/capture.py makes them (same flags), one forward per step feeds every
 SAE of every point; each SAE goes to OUT/<point>/<shape>/ (sae/, metrics.jsonl), a table of all of them to
 OUT/summary.txt. Nothing but SAE files, checkpoints and logs is written; --resume continues bit-identically.
@@ -24,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 from llama.cli import parse_config, run_main  # noqa: E402
+from llama.stop import rerun_command  # noqa: E402
 from sae import dist  # noqa: E402
 from sae.multi import StreamTrainConfig, summary_table  # noqa: E402
 from sae.activations.source import open_source  # noqa: E402
@@ -37,12 +40,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not stream_cfg.store:
             many = train_many(stream_cfg, info)
+            if many.stopped:
+                if info.is_main:
+                    print(f"resume with: {rerun_command()}", flush=True)
+                return 130 if many.stopped == "SIGINT" else 143
             if info.is_main:
                 print(summary_table(many.summary) + f"\nsaved {len(many.summary)} SAE(s) under {many.out_dir}/")
             return 0
         cfg = stream_cfg.store_config()
         source = open_source(cfg.store)
         res = train(cfg, source, info)
+        if res.stopped:  # Ctrl-C / SIGTERM: a checkpoint was written and the trainer said where
+            if info.is_main:
+                print(f"resume with: {rerun_command()}", flush=True)
+            return 130 if res.stopped == "SIGINT" else 143
         if info.is_main:
             keys = ("step", "fvu", "l0", "auxk", "dead", "dense", "val_fvu", "val_l0", "tokens_per_s")
             print("\n".join(f"{k:>14}: {res.metrics[k]:.6g}" for k in keys if k in res.metrics))

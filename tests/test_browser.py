@@ -161,6 +161,9 @@ def site(tmp_path_factory):
 
 
 def test_dashboard_renders_searches_and_links_work(browser: Browser, site: Path, tmp_path: Path) -> None:
+    import numpy as np
+    from sae.analysis.top_contexts import load_top_contexts
+    tc = load_top_contexts(site.parent.parent / "analysis")
     browser.errors.clear()
     browser.goto(site.as_uri())
     assert browser.js("document.querySelectorAll('#latents tbody tr').length") == 24
@@ -169,25 +172,48 @@ def test_dashboard_renders_searches_and_links_work(browser: Browser, site: Path,
     # search by label: only latent 0 is labelled with 'brackets'; by number: '3' matches latents 3 and 13, 23
     browser.js("var s = document.getElementById('search'); s.value = 'BRACKETS cats'; "
                "s.dispatchEvent(new Event('input')); 0")
-    visible = browser.js("Array.from(document.querySelectorAll('#latents tbody tr:not(.hidden) td:first-child'))"
+    visible = browser.js("Array.from(document.querySelectorAll('#latents tbody tr td:first-child'))"
                          ".map(td => td.textContent)")
     assert visible == ["0"]
+    browser.js("var s = document.getElementById('search'); s.value = '3'; s.dispatchEvent(new Event('input')); 0")
+    assert browser.js("Array.from(document.querySelectorAll('#latents tbody tr td:first-child'))"
+                      ".map(td => td.textContent)") == ["3", "13", "23"]
+    browser.js("var s = document.getElementById('search'); s.value = ''; s.dispatchEvent(new Event('input')); "
+               "document.querySelector('th[data-key=freq]').click(); 0")  # sort by firing frequency, largest first
+    top = browser.js("document.querySelector('#latents tbody tr td:first-child').textContent")
+    assert int(top) == int(np.argmax(tc.array("freq")))
+    browser.js("var s = document.getElementById('search'); s.value = 'brackets'; s.dispatchEvent(new Event('input')); 0")
     browser.screenshot(tmp_path / "index.png")
     assert (tmp_path / "index.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # follow the link like a user, then the pager
-    browser.js("document.querySelector('#latents tbody tr:not(.hidden) a').click(); 0")
-    browser.wait("location.pathname.endsWith('/latents/0.html') && document.readyState === 'complete'")
+    browser.js("document.querySelector('#latents tbody tr a').click(); 0")
+    browser.wait("location.pathname.endsWith('/latent.html') && location.hash === '#0' && "
+                 "document.querySelector('h1') !== null")
     assert browser.js("document.querySelector('h1').textContent") == "Latent 0: angle <brackets> & cats"
+    assert browser.js("document.querySelector('.desc').textContent") == "fires on <cat>"
+    assert browser.js("document.querySelectorAll('#latent script, #latent cat').length") == 0  # text, not markup
+    live = int(np.argmax(tc.array("freq")))
+    browser.goto(site.parent.as_uri() + f"/latent.html#{live}")
+    browser.wait(f"document.querySelector('h1') && document.querySelector('h1').textContent.startsWith('Latent {live}')")
+    rec = tc.latent(live)
+    peak = browser.js("var t = document.querySelector('#max .ctx .t.pk'); [t.dataset.act, t.style.background]")
+    assert float(peak[0]) == pytest.approx(rec["max_act"], rel=2e-3) and peak[1] == "rgb(255, 120, 0)"  # alpha 1
+    shown = browser.js("Array.from(document.querySelectorAll('#max .ctx:first-child .t')).map(t => t.textContent)")
+    top = rec["max"][0]
+    assert "".join(shown) in "".join(t.replace("\n", "\u21b5") for t in top["tokens"])
     assert browser.js("document.querySelectorAll('.ctx').length") > 0
+    browser.screenshot(tmp_path / "latent.png")
+    browser.goto(site.parent.as_uri() + "/latent.html#0")
+    browser.wait("document.querySelector('h1') && document.querySelector('h1').textContent.startsWith('Latent 0')")
     browser.js("document.getElementById('next').click(); 0")
-    browser.wait("location.pathname.endsWith('/latents/1.html') && document.readyState === 'complete'")
-    assert browser.js("document.querySelector('h1').textContent").startswith("Latent 1")
+    browser.wait("location.hash === '#1' && document.querySelector('h1').textContent.startsWith('Latent 1')")
     # every link of the overview and of one latent page opens a page with a heading
-    for page in (site, site.parent / "latents" / "5.html"):
-        browser.goto(page.as_uri())
+    for page in (site.as_uri(), site.parent.as_uri() + "/latent.html#5"):
+        browser.goto(page)
+        browser.wait("document.querySelector('h1') !== null")
         for href in browser.js("Array.from(document.querySelectorAll('a')).map(a => a.href)"):
             browser.goto(href)
-            assert browser.js("document.querySelector('h1') !== null"), href
+            browser.wait("document.querySelector('h1') !== null")
     assert browser.errors == []
 
 

@@ -400,3 +400,21 @@ def check_greedy(backend: LlamaBackend, model: Any, tok: Any, reqs: list[Request
                     break
                 seq.append(nxt)
         assert a.error is None and a.text == tok.decode(seq[n0:])
+
+
+def test_a_labels_file_that_is_not_a_labels_table_is_named_with_what_is_wrong(tmp_path):
+    from llama.cli import UserError
+    bad = tmp_path / "labels.json"
+    for text, wrong in (("{not json", "is not valid JSON (Expecting property name"), ("[1, 2]", "holds a JSON list"),
+                        ('{"format": "other/1"}', "holds format 'other/1'"),
+                        ('{"format": "llama-sae-labels/1"}', "has no 'latents' object")):
+        bad.write_text(text)
+        with pytest.raises(UserError) as e:
+            load_labels(bad)
+        msg = str(e.value)
+        assert msg.startswith(f"{bad} {wrong}") and "scripts/interpret.py" in msg and "move it away" not in msg
+    bad.write_text('{"format": "llama-sae-labels/1", "latents": {"3": {"label": "x"}}}')
+    with pytest.raises(UserError, match="--labels .*labels.json: a latent entry lacks"):
+        load_labels(bad)
+    with pytest.raises(UserError, match="no such file"):
+        load_labels(tmp_path / "missing.json")

@@ -75,7 +75,7 @@ def test_activation_metrics_match_direct_computation() -> None:
         m.b_enc[:4] = -100.0  # four latents can never fire
         m.b_enc[4] = 100.0  # one always fires (dense)
     src = TensorSource(x, val_fraction=0.2)
-    r = activation_metrics(m, src, batch_size=200, max_batches=10)
+    r = activation_metrics(m, src, batch_size=200, max_tokens=2000)
     xv = x[800:]
     with torch.no_grad():
         pre = (xv - m.b_dec) @ m.W_enc.T + m.b_enc
@@ -98,6 +98,42 @@ def test_evaluate_script_errors_cleanly(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, str(ROOT / "scripts/evaluate.py"), "--sae", str(tmp_path / "sae")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "nothing to evaluate" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_activation_metrics_use_the_whole_validation_split() -> None:
+    x = torch.randn(1250, 8)
+    m = SAE(SAEConfig(d_in=8, n_latents=16, k=2, normalize="none"), seed=1).eval()
+    r = activation_metrics(m, TensorSource(x, val_fraction=0.2), batch_size=100)  # 250 rows: 2.5 batches
+    xv = x[1000:]
+    with torch.no_grad():
+        x_hat = m.decode(*m.encode(xv), like=xv)
+    assert r["tokens"] == 250
+    assert r["fvu"] == pytest.approx(float(((xv - x_hat) ** 2).sum() / ((xv - xv.mean(0)) ** 2).sum()), rel=1e-4)
+    assert activation_metrics(m, TensorSource(x, val_fraction=0.2), batch_size=100, max_tokens=120)["tokens"] == 120
+
+
+def test_evaluation_reports_its_held_out_tokens_and_where_it_wrote(tmp_path: Path, capsys) -> None:
+    """The store's validation split is chosen at capture (--val-fraction, recorded in the manifest), so training
+    and evaluation agree on it; evaluation uses all of it and says how many tokens, and where eval.json went."""
+    from llama.cli import UserError
+    from sae.activations.capture import CaptureConfig, run_capture
+    from sae.activations.store import open_store
+    from sae.evaluate import EvalConfig, run_evaluation
+    store = tmp_path / "acts"
+    cfg = CaptureConfig(out=str(store), max_docs=60, val_fraction=0.4, progress=False, device="cpu")
+    run_capture(cfg)
+    opened = open_store(store)
+    assert opened.val_fraction == 0.4 and 0.2 < opened.num_rows("val") / len(opened) < 0.6
+    sae_dir = save(SAE(SAEConfig(d_in=opened.d_model, n_latents=64, k=4, hook_name=opened.manifest["hook_name"])),
+                   tmp_path / "sae")
+    capsys.readouterr()
+    metrics = run_evaluation(EvalConfig(sae=str(sae_dir), store=str(store), act_batch_size=1000))
+    printed = capsys.readouterr().out
+    assert metrics["tokens"] == opened.num_rows("val")
+    assert f"on {opened.num_rows('val'):,} held-out tokens: the validation split of {store} (40% of" in printed
+    assert f"wrote {sae_dir / 'eval.json'}, eval.txt and eval_config.json (into the SAE folder)" in printed
+    with pytest.raises(UserError, match=r"other settings \(val_fraction: 0.4 -> 0.05\)"):
+        run_capture(CaptureConfig(out=str(store), max_docs=60, progress=False, device="cpu"))
 
 
 class _Recording:

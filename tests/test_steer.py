@@ -318,3 +318,100 @@ def test_steer_script_on_tiny_model(tmp_path, capsys):
               "--steer", "zebra:3"])
     with pytest.raises(UserError, match=r"\[0, 64\)"):
         main(["--model", str(TINY), "--sae", str(tmp_path / "sae"), "--steer", "64:3"])
+
+
+# ---- each side lists the latents of its own forward (steered vs unsteered never mixed up) --------------------
+def own_latents(model, sae, prompt: list[int], tokens: list[int], steers: list[Steer], r: int) -> list[list]:
+    """Reference, independent of SAESplice: the r most active latents where each generated token was chosen,
+    from this side's own token sequence through the plain model (the splice sits at the hook, so the hook's input
+    is the clean model's residual on that sequence), steers added to that code for the steered side."""
+    seq = torch.tensor([prompt + tokens[:-1]])
+    z = dense_code(sae, resid(model, seq)[0])[len(prompt) - 1:]  # [len(tokens), n]
+    for s in steers:
+        z[:, s.latent] = z[:, s.latent] + s.strength if s.mode == "add" else s.strength
+    vals, ids = z.topk(r, dim=-1)
+    return [[(i, v) for i, v in zip(row_i, row_v) if v > 0] for row_i, row_v in zip(ids.tolist(), vals.tolist())]
+
+
+def assert_latents(got: list[list], want: list[list]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert [i for i, _ in g] == [i for i, _ in w]
+        assert [v for _, v in g] == pytest.approx([v for _, v in w], rel=1e-3, abs=1e-3)
+
+
+def test_record_with_rows_lists_each_rows_own_code(setup):
+    model, sae, tokens = setup
+    splice = SAESplice(sae, [Steer(11, 50.0)], rows=[True, False], record=3)
+    x = resid(model, tokens)
+    model(tokens, edit={HOOK: splice})
+    z = dense_code(sae, x[:, -1])
+    clean = z[1].topk(3)
+    z[0, 11] += 50.0
+    steered = z[0].topk(3)
+    assert splice.last.indices[0].tolist() == steered.indices.tolist() and steered.indices[0] == 11
+    assert splice.last.indices[1].tolist() == clean.indices.tolist() and 11 not in clean.indices.tolist()
+    torch.testing.assert_close(splice.last.values[1], clean.values, rtol=1e-5, atol=1e-5)
+
+
+def test_ui_generate_lists_each_sides_latents_from_its_own_forward(setup):
+    import json
+    model, sae, _ = setup
+    server = start_server(model, sae, {7: Label("dog things")})
+    try:
+        body = {"prompt": "ABC", "steers": [{"latent": 7, "strength": 40.0}], "max_new_tokens": 10, "temperature": 0}
+        status, _, text = post(server.url, json.dumps(body).encode())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert status == 200
+    msgs = [json.loads(line) for line in text.splitlines()][:-1]
+    prompt = CharTokenizer().encode("ABC")
+    for side, steers in (("steered", [Steer(7, 40.0)]), ("clean", [])):
+        got = [m for m in msgs if m["side"] == side and m["stop"] != "stop"]
+        want = own_latents(model, sae, prompt, [m["token"] for m in got], steers, 5)
+        assert_latents([[(i, a) for i, a, _ in m["latents"]] for m in got], want)
+    assert not any(i == 7 for m in msgs if m["side"] == "clean" for i, _, _ in m["latents"])  # not the steer's
+
+
+def test_steer_script_shows_each_sides_latents_under_its_heading(tmp_path, capsys):
+    import json
+    from llama.checkpoint import load_model
+    from llama.tokenizer import Tokenizer
+    from sae.formats import save
+    from scripts.steer import main
+    model, tok = load_model(TINY).eval(), Tokenizer.from_file(TINY)
+    hook = f"blocks.{model.args.n_layers - 1}.hook_resid_post"
+    sae = SAE(SAEConfig(d_in=model.args.dim, n_latents=64, k=8, hook_name=hook), seed=0).eval()
+    save(sae, tmp_path / "sae")
+    (tmp_path / "labels.json").write_text(json.dumps({"format": "llama-sae-labels/1", "latents": {
+        "5": {"label": "python keywords", "description": "", "confidence": 0.9, "detection_score": 0.8},
+        "6": {"label": "", "description": "", "confidence": 0.1, "detection_score": None}}}))
+    main(["--model", str(TINY), "--sae", str(tmp_path / "sae"), "--labels", str(tmp_path / "labels.json"),
+          "--prompt", "The function", "--steer", "5:60", "6:1", "--temperature", "0", "--max-new-tokens", "6",
+          "--show-latents", "3", "--out", str(tmp_path / "res.json")])
+    printed = capsys.readouterr().out
+    assert "steer latent 5 'python keywords': add 60\nsteer latent 6: add 1\n" in printed  # no '' for no label
+    steered_part, unsteered_part = printed.split("--- steered:\n")[1].split("--- unsteered:\n")
+    res = json.loads((tmp_path / "res.json").read_text())["results"][0]
+    prompt = tok.encode("The function", bos=True, eos=False)
+
+    def shown(part: str) -> list[list[int]]:
+        return [[int(d.split("=")[0].split(" ")[0]) for d in ln.split("  ")[-1].split(", ")]
+                for ln in part.splitlines()[1:] if ln.startswith("  ")]
+
+    import sae.steering.steer as steer_mod
+    with torch.no_grad():
+        for part, key, steers in ((steered_part, "latents", [Steer(5, 60.0), Steer(6, 1.0)]),
+                                  (unsteered_part, "unsteered_latents", [])):
+            ids = [t["token_id"] for t in res[key]]
+            x = model(torch.tensor([prompt + ids[:-1]]), capture=[hook]).activations[hook][0, len(prompt) - 1:]
+            acts, idx = steer_mod.steer_code(*sae.encode(x), steers)
+            want = steer_mod.top_active(acts, idx, 3)
+            want_ids = [[i for i, v in zip(r_i, r_v) if v > 0] for r_i, r_v in zip(want.indices.tolist(),
+                                                                                     want.values.tolist())]
+            assert shown(part) == want_ids == [[i for i, _ in t["latents"]] for t in res[key]]
+    assert all(5 not in row for row in shown(unsteered_part)) and all(row[0] == 5 for row in shown(steered_part))
+    with pytest.raises(UserError, match=r"\[0, 64\)"):
+        main(["--model", str(TINY), "--sae", str(tmp_path / "sae"), "--steer", "3:1", "64:3"])
+    assert "steer latent" not in capsys.readouterr().out  # refused before any steer is announced

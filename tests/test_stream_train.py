@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -120,13 +121,17 @@ def test_resume_is_bit_identical_and_only_sae_files_and_checkpoints_are_written(
     for key in ("fvu", "l0", "dead", "val_fvu", "tokens_per_s", "forward_tokens_per_s", "sae_tokens_per_s"):
         assert key in lines[-1]
     def ctrl_c_at_5(step: int, trainer) -> None:
-        if step == 5:
-            raise KeyboardInterrupt
+        if step == 5:  # Ctrl-C: the step ends, a checkpoint of it is written, the run stops
+            os.kill(os.getpid(), signal.SIGINT)
 
-    with pytest.raises(KeyboardInterrupt):  # Ctrl-C: the step reached is checkpointed before the run stops
-        train_many(flags(tmp_path / "c"), model=model, tok=tok, callback=ctrl_c_at_5)
+    stopped = train_many(flags(tmp_path / "c"), model=model, tok=tok, callback=ctrl_c_at_5)
+    assert stopped.stopped == "SIGINT" and stopped.step == 5 and not sae_files(tmp_path / "c")
     assert json.loads((tmp_path / "c" / "checkpoint.json").read_text())["step"] == 5
+    with pytest.raises(UserError, match="already holds a training run"):  # neither --resume nor --overwrite
+        train_many(flags(tmp_path / "c"), model=model, tok=tok)
     train_many(flags(tmp_path / "c", resume=True), model=model, tok=tok)
+    assert sae_files(tmp_path / "c") == sae_files(tmp_path / "full")
+    train_many(flags(tmp_path / "c", overwrite=True), model=model, tok=tok)  # a fresh run: the same SAEs again
     assert sae_files(tmp_path / "c") == sae_files(tmp_path / "full")
     back = load(tmp_path / "b" / P2 / "topk-x2-k4" / "sae")
     assert back.cfg.hook_name == P2 and back.cfg.n_latents == 256 and back.cfg.k == 4

@@ -9,6 +9,9 @@ and torch runs on `threads` threads, so the same corpus, config and torch build 
 
 Files written to `out` (Meta layout, so `llama.load_model(out)` and `llama.Tokenizer.from_file(out)` read them):
     params.json  consolidated.00.pth  tokenizer.model  heldout.txt  train_info.json  train_config.json
+
+Ctrl-C (SIGINT) or SIGTERM finishes the current step and writes `out/checkpoint.pt` (model, optimizer, batch
+sampler state, history); `--resume` continues from it bit for bit and deletes it once the run is done.
 """
 from __future__ import annotations
 
@@ -25,15 +28,20 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from llama.cli import UserError, atomic_write_bytes, atomic_write_json, config_to_dict, progress_bar
+from llama.cli import REPO, UserError, atomic_write_bytes, atomic_write_json, config_to_dict, progress_bar
+from llama.stop import StopSignals
 from llama.config import ModelArgs
 from llama.model import Transformer
 from llama.tiny.corpus import build_corpus, corpus_from_file, token_stream, train_sentencepiece
 
 
+DEFAULT_OUT = "weights/tiny"
+
+
 @dataclass
 class TrainConfig:
-    out: str = field(default="weights/tiny", metadata={"help": "output folder (Meta layout)"})
+    out: str = field(default=DEFAULT_OUT, metadata={"help": "output folder (Meta layout; the default is the "
+                                                            "checkout's weights/tiny from any folder)"})
     corpus: str = field(default="stdlib", metadata={"help": "'stdlib' (CPython docstrings + pydoc topics) or a "
                                                              "UTF-8 .txt file, one document per line"})
     seed: int = 1337
@@ -58,11 +66,43 @@ class TrainConfig:
     eval_every: int = 200
     eval_windows: int = field(default=64, metadata={"help": "held-out (and train) windows per evaluation; 0 = all"})
     sample_tokens: int = field(default=48, metadata={"help": "greedy sample length printed at the end (0 = none)"})
+    resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoint.pt (written on Ctrl-C)"})
 
 
 class TrainResult(NamedTuple):
     model: Transformer
-    info: dict  # what train_info.json holds
+    info: dict  # what train_info.json holds ({} when the run was stopped early)
+    stopped: str = ""  # the signal that stopped the run after a checkpoint (SIGINT / SIGTERM), "" when it finished
+
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def save_checkpoint(path: Path, cfg: TrainConfig, step: int, model: Transformer, opt: torch.optim.Optimizer,
+                    gen: torch.Generator, history: list[dict], tokenizer_sha: str) -> None:
+    buf = io.BytesIO()
+    torch.save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(), "gen": gen.get_state(),
+                "history": history, "config": config_to_dict(cfg), "tokenizer_sha256": tokenizer_sha}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: Path, cfg: TrainConfig, tokenizer_sha: str) -> dict:
+    """The checkpoint of an interrupted run with this same config (an error naming what differs otherwise)."""
+    if not path.is_file():
+        raise UserError(f"--resume: nothing to resume, {path} does not exist; drop --resume to start a new run")
+    try:
+        ck = torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{path}: unreadable checkpoint ({e})") from e
+    ours = {k: v for k, v in config_to_dict(cfg).items() if k != "resume"}
+    diff = [f"--{k.replace('_', '-')} {ck['config'].get(k)!r} -> {v!r}" for k, v in ours.items()
+            if ck["config"].get(k) != v]
+    if diff:
+        raise UserError(f"--resume: {path} is a run with other settings ({'; '.join(diff)}); resume with its "
+                        f"settings or start over without --resume")
+    if ck["tokenizer_sha256"] != tokenizer_sha:
+        raise UserError(f"--resume: {path} was trained with another tokenizer (the corpus changed); start over")
+    return ck
 
 
 def model_args(cfg: TrainConfig, vocab_size: int) -> ModelArgs:
@@ -140,7 +180,7 @@ def weights_sha256(state: dict[str, torch.Tensor]) -> str:
 def train(cfg: TrainConfig) -> TrainResult:
     t0 = time.time()
     torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out)
+    out = REPO / DEFAULT_OUT if cfg.out == DEFAULT_OUT else Path(cfg.out)  # the embedded model's folder
 
     # 1. corpus and tokenizer
     print(f"corpus: {cfg.corpus}")
@@ -150,6 +190,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     import sentencepiece as spm
 
     sp_bytes = train_sentencepiece(corpus.train, cfg.vocab_size, where=cfg.corpus)
+    sp_sha = hashlib.sha256(sp_bytes).hexdigest()
+    ck = load_checkpoint(out / CHECKPOINT, cfg, sp_sha) if cfg.resume else None
     sp = spm.SentencePieceProcessor(model_proto=sp_bytes)
     train_list, val_list = token_stream(sp, corpus.train), token_stream(sp, corpus.heldout)
     train_stream, val_stream = torch.tensor(train_list), torch.tensor(val_list)
@@ -171,31 +213,48 @@ def train(cfg: TrainConfig) -> TrainResult:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
     gen = torch.Generator().manual_seed(cfg.seed)
+    start, history = 0, []
+    if ck is not None:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        gen.set_state(ck["gen"])
+        start, history = int(ck["step"]), list(ck["history"])
+        print(f"resuming from {out / CHECKPOINT} at step {start} of {cfg.steps}")
     print(f"model: {n_params / 1e6:.2f}M parameters, {args.n_layers} layers, dim {args.dim}, "
           f"{args.n_heads} heads / {args.n_kv_heads} kv heads, ffn {args.ffn_hidden_dim}; "
           f"unigram baseline on held-out: {unigram:.4f} nats/token")
 
-    # 3. the loop
-    history: list[dict] = []
-    bar = progress_bar(range(cfg.steps), desc="train", unit="step", dynamic_ncols=True)
-    for step in bar:
-        lr = lr_at(step, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        x, y = get_batch(train_stream, cfg.batch_size, cfg.seq_len, gen)
-        logits = model(x).logits  # (B, T, N)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            val = mean_loss(model, val_w)
-            history.append({"step": step + 1, "train_batch_loss": round(loss.item(), 4), "val_loss": round(val, 4)})
-            bar.write(f"step {step + 1}: batch loss {loss.item():.4f}, held-out loss {val:.4f} "
-                      f"(unigram {unigram:.4f})")
+    # 3. the loop (a signal ends it after the current step, with a checkpoint)
+    bar = progress_bar(range(start, cfg.steps), desc="train", unit="step", dynamic_ncols=True, total=cfg.steps,
+                       initial=start)
+    done = start
+    with StopSignals() as stop:
+        for step in bar:
+            lr = lr_at(step, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x, y = get_batch(train_stream, cfg.batch_size, cfg.seq_len, gen)
+            logits = model(x).logits  # (B, T, N)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", refresh=False)  # drawn with the bar
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                val = mean_loss(model, val_w)
+                history.append({"step": step + 1, "train_batch_loss": round(loss.item(), 4), "val_loss": round(val, 4)})
+                bar.write(f"step {step + 1}: batch loss {loss.item():.4f}, held-out loss {val:.4f} "
+                          f"(unigram {unigram:.4f})")
+            done = step + 1
+            if stop:
+                break
     bar.close()
+    if stop and done < cfg.steps:
+        save_checkpoint(out / CHECKPOINT, cfg, done, model, opt, gen, history, sp_sha)
+        print(f"stopped by {stop.name} after step {done} of {cfg.steps}; checkpoint written to "
+              f"{out / CHECKPOINT}", flush=True)
+        return TrainResult(model, {}, stopped=stop.name)
     model.eval()
     train_loss, val_loss = mean_loss(model, train_w), mean_loss(model, val_w)
     wall = time.time() - t0
@@ -207,8 +266,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     info = {
         "corpus": corpus.info,
         "tokens": {"train": len(train_stream), "heldout": len(val_stream)},
-        "tokenizer": {"type": "sentencepiece-bpe", "vocab_size": sp.vocab_size(),
-                      "sha256": hashlib.sha256(sp_bytes).hexdigest()},
+        "tokenizer": {"type": "sentencepiece-bpe", "vocab_size": sp.vocab_size(), "sha256": sp_sha},
         "params": n_params,
         "seed": cfg.seed,
         "threads": cfg.threads,
@@ -223,14 +281,15 @@ def train(cfg: TrainConfig) -> TrainResult:
         "weights_sha256": weights_sha256(state),
         "torch_version": torch.__version__,
         "wall_time_s": round(wall, 1),
-        "config": config_to_dict(cfg),
+        "config": {k: v for k, v in config_to_dict(cfg).items() if k != "resume"},
     }
     atomic_write_json(out / "params.json", args.to_params())
     atomic_write_bytes(out / "consolidated.00.pth", buf.getvalue())
     atomic_write_bytes(out / "tokenizer.model", sp_bytes)
     atomic_write_bytes(out / "heldout.txt", "".join(d + "\n" for d in corpus.heldout).encode("utf-8"))
-    atomic_write_json(out / "train_config.json", config_to_dict(cfg))
+    atomic_write_json(out / "train_config.json", info["config"])
     atomic_write_json(out / "train_info.json", info)
+    (out / CHECKPOINT).unlink(missing_ok=True)  # the run is complete: its files are the result
     print(f"done in {wall:.0f}s: train loss {train_loss:.4f}, held-out loss {val_loss:.4f}, "
           f"unigram {unigram:.4f} nats/token -> {out}")
     if cfg.sample_tokens > 0:

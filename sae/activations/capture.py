@@ -29,7 +29,8 @@ from typing import Callable, Iterator, Sequence, TypeVar
 import numpy as np
 import torch
 
-from llama.cli import REPO, UserError, atomic_write_json, progress_bar, save_config
+from llama.checkpoint import resolve_model
+from llama.cli import UserError, atomic_write_json, progress_bar, save_config
 from sae.activations import store_format as fmt
 from sae.activations.inputs import count_documents, expand_inputs, file_fingerprint, iter_documents
 from sae.activations.packing import Batch, PackSpec, plan_batches, prefetch
@@ -41,9 +42,10 @@ C = TypeVar("C", bound="ContextConfig")
 
 @dataclass
 class ContextConfig:
-    """Where the model's residual stream comes from: model, documents, contexts, forward batches. Shared by the
-    capture job (CaptureConfig) and store-free SAE training (sae.multi.StreamTrainConfig): one code path."""
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "model folder (Meta or HF layout)"})
+    """Where the model's residual stream comes from: model, documents, contexts, forward batches, the held-out
+    split. Shared by the capture job (CaptureConfig) and store-free SAE training (sae.multi.StreamTrainConfig)."""
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "model folder (Meta or HF layout), .gguf file, or "
+                                                                "a name: smollm2"})
     inputs: list[str] = field(default_factory=list, metadata={
         "help": ".txt/.jsonl/.parquet files, folders or globs (default: <model>/heldout.txt)"})
     points: list[str] = field(default_factory=list, metadata={
@@ -67,6 +69,8 @@ class ContextConfig:
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:1 ... (auto: cuda if available)"})
     dtype: str = field(default="auto", metadata={"choices": ["auto", "float32", "bfloat16", "float16"],
                                                 "help": "model compute dtype (auto: bf16 on cuda, fp32 on cpu)"})
+    val_fraction: float = field(default=0.05, metadata={"help": "share of documents held out as the validation "
+                                                                "split (SAE validation, evaluation FVU)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
 
@@ -80,23 +84,26 @@ class CaptureConfig(ContextConfig):
 
 # settings that change which rows (or which values) the store holds: a resume must match them all
 ROW_SETTINGS = ("mode", "ctx_len", "bos", "keep_bos", "txt_docs", "text_field", "max_docs", "batch_tokens",
-                "max_batch", "pack_contexts", "shard_rows", "dtype")
+                "max_batch", "pack_contexts", "shard_rows", "dtype", "val_fraction")
+DEFAULTS_OF_OLDER_STORES = {"val_fraction": 0.05}  # settings that stores written before them implicitly had
 
 
 def resolve_context(cfg: C) -> C:
     """Fill the context defaults that depend on other fields (model path, inputs, device, dtype, prefetch)."""
-    model = Path(cfg.model)
-    if cfg.model == DEFAULT_MODEL and not model.exists():  # run from another folder: the embedded model
-        model = REPO / DEFAULT_MODEL
+    model = resolve_model(cfg.model)  # a path (weights/tiny from any folder), or a name such as smollm2
     if not model.exists():
         hint = " (the embedded tiny model ships in weights/tiny)" if cfg.model == DEFAULT_MODEL else ""
         raise UserError(f"--model {cfg.model} does not exist{hint}")
+    if not cfg.inputs and model.is_file():
+        raise UserError(f"--inputs: give the text to capture (--model {cfg.model} is a file, with no heldout.txt)")
     inputs = list(cfg.inputs) or [str(model / "heldout.txt")]
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     for name in ("ctx_len", "batch_tokens", "max_batch", "pack_contexts"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise UserError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
     if cfg.ctx_len < 2 and cfg.bos:
         raise UserError("--ctx-len must be at least 2 when a BOS is prepended")
     if cfg.batch_tokens < cfg.ctx_len:
@@ -112,7 +119,9 @@ def resolve(cfg: CaptureConfig) -> CaptureConfig:
     for name in ("shard_rows", "queue_size"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    return dataclasses.replace(cfg, out=cfg.out or str(Path("out") / "activations" / Path(cfg.model).resolve().name))
+    model = Path(cfg.model)
+    out = cfg.out or str(Path("out") / "activations" / (model.stem if model.is_file() else model.resolve().name))
+    return dataclasses.replace(cfg, out=out)
 
 
 def load_model_and_tokenizer(cfg: ContextConfig, device: torch.device, model=None, tok=None) -> tuple:
@@ -202,6 +211,8 @@ def prepare_store(out: Path, plan: dict, overwrite: bool, is_writer: bool) -> st
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
     old = fmt.read_json(out / fmt.PLAN) if (out / fmt.PLAN).exists() else None
+    if old is not None:
+        old["config"] = {**DEFAULTS_OF_OLDER_STORES, **old.get("config", {})}
     if old is None and out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} is a non-empty folder that is not an activation store; pick an empty or new "
                         f"folder (refusing to write into it even with --overwrite)")
@@ -309,6 +320,7 @@ def _capture(cfg: CaptureConfig, model, tok, rank: int, world: int, device: torc
     if rank != 0:
         return {}
     extra = {"documents": n_docs, "skipped": dict(skipped), "bos": cfg.bos, "keep_bos": cfg.keep_bos,
+             "val_fraction": cfg.val_fraction,
              "mode": cfg.mode, "ctx_len": cfg.ctx_len}
     manifest = write_manifest(out, plan, world, extra)
     print(f"wrote {manifest['rows']:,} rows x {len(points)} point(s) of d_model {model.args.dim} in "

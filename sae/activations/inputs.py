@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
-from llama.cli import UserError
+from llama.cli import UserError, repo_path
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -29,7 +29,7 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
         raise UserError("no --inputs given: expected .txt/.jsonl/.parquet files, folders or glob patterns")
     files: list[Path] = []
     for item in inputs:
-        p = Path(item)
+        p = repo_path(item)  # weights/tiny/heldout.txt from any folder
         if p.is_dir():
             found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix in SUFFIXES)
             if not found:

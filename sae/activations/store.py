@@ -7,8 +7,9 @@
     store.rows(0, 10)                        # raw bf16 rows in store order
     store.meta(0, 10)                        # {"token_id", "doc_id", "ctx", "pos"} numpy arrays
 
-Split: a document goes to validation when a hash of its id falls below `val_fraction`, so no document spans
-both splits and the split does not depend on the shard layout or the number of ranks.
+Split: a document goes to validation when a hash of its id falls below `val_fraction` (by default the store's own,
+chosen at capture: `manifest["val_fraction"]`), so no document spans both splits, the split does not depend on the
+shard layout or the number of ranks, and training and evaluation agree on it.
 
 Shuffle: every epoch draws one global permutation of the split's rows (seeded by seed, epoch, split); global batch
 i is a slice of it and each rank takes its part of that slice, so ranks are disjoint. The trade-off, honestly: this is
@@ -50,11 +51,13 @@ def is_val_document(doc_id: np.ndarray, val_fraction: float, salt: int = 0) -> n
 
 
 class ActivationStore:
-    def __init__(self, path: str | Path, val_fraction: float = 0.05, split_salt: int = 0) -> None:
+    def __init__(self, path: str | Path, val_fraction: float | None = None, split_salt: int = 0) -> None:
         self.path = Path(path)
+        self.manifest: dict = fmt.read_json(self.path / fmt.MANIFEST)
+        if val_fraction is None:  # the store's own split, chosen at capture (--val-fraction; older stores: 0.05)
+            val_fraction = float(self.manifest.get("val_fraction", 0.05))
         if not 0.0 <= val_fraction < 1.0:
             raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        self.manifest: dict = fmt.read_json(self.path / fmt.MANIFEST)
         self.val_fraction, self.split_salt = val_fraction, split_salt
         self.points: list[str] = list(self.manifest["points"])
         self.d_model: int = int(self.manifest["d_model"])
@@ -175,7 +178,7 @@ class ActivationStore:
             epoch, j = epoch + 1, 0
 
 
-def open_store(path: str | Path, val_fraction: float = 0.05, split_salt: int = 0) -> ActivationStore:
+def open_store(path: str | Path, val_fraction: float | None = None, split_salt: int = 0) -> ActivationStore:
     """Open a complete store; a missing, partial or foreign folder is a UserError saying what to do."""
     p = Path(path)
     if not p.is_dir():

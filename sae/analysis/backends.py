@@ -153,7 +153,7 @@ class AnthropicBatchBackend(AnthropicBackend):
                     results[cid] = Answer(cid, _anthropic_text(res["message"]))
                 else:
                     results[cid] = Answer(cid, None, f"batch result {res.get('type')}: {str(res.get('error'))[:200]}")
-            except (json.JSONDecodeError, KeyError, TypeError, HTTPFailure) as e:
+            except (json.JSONDecodeError, KeyError, TypeError, HTTPFailure):
                 continue  # a broken line: its request is reported missing below
         return [results.get(r.custom_id, Answer(r.custom_id, None, "missing from the batch results"))
                 for r in requests]
@@ -170,10 +170,10 @@ class LlamaBackend:
         import llama
         from llama.chat import chat_format
         if model is None:
-            p = Path(model_dir)
-            if not model_dir or not (p.is_dir() or (p.is_file() and p.suffix.lower() == ".gguf")):
-                raise UserError(f"--model {model_dir!r}: not a model folder or .gguf file (the llama backend needs a "
-                                "checkpoint, ideally an instruct model: Meta or HF layout, or GGUF)")
+            model_dir = str(llama.resolve_model(model_dir)) if model_dir else ""  # a path, or a name: smollm2
+            if not model_dir or not Path(model_dir).exists():
+                raise UserError(f"--model {model_dir!r}: not a model folder or file (the llama backend needs a "
+                                "checkpoint, ideally an instruct model: Meta or HF layout, a .gguf file, or smollm2)")
             import torch
             model = llama.load_model(model_dir, device=device, dtype=torch.float32)
             tokenizer = llama.Tokenizer.from_file(model_dir)

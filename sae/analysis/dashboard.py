@@ -1,10 +1,12 @@
-"""A static HTML dashboard for one SAE: an overview page and one page per latent. No server, no CDN: open
-`OUT/index.html` from disk (file://) and it works offline.
+"""A static HTML dashboard for one SAE: an overview page and one page that shows any latent. No server, no CDN:
+open `OUT/index.html` from disk (file://) and it works offline.
 
-    index.html           metrics (L0, FVU, dead/dense, CE recovered ...), latent density histogram, training curves,
-                         a table of every latent with search by label (assets/app.js)
-    latents/{l}.html     label + scores, activation histogram, top contexts (max / mean / last) with per-token
+    index.html           metrics (L0, FVU, CE recovered ..., one named dead / dense figure), latent density
+                         histogram, training curves, a table of every latent (search by label, sort by column)
+    latent.html#{l}      label + scores, activation histogram, top contexts (max / mean / last) with per-token
                          highlighting, promoted / suppressed tokens, previous / next links
+    data/                the per-latent data, compact, one script per 64 latents (sae/analysis/dashboard_data.py):
+                         a 65,536-latent dashboard is a few hundred MB, and a page loads one shard
 
 Inputs: the analysis folder of scripts/top_contexts.py (read with `load_top_contexts`), its labels.json (from
 scripts/interpret.py, optional), the SAE's cfg.json, an evaluation JSON and the training metrics JSONL (optional).
@@ -23,6 +25,7 @@ import numpy as np
 
 from llama.cli import UserError, atomic_write_bytes, progress_bar, save_config
 from sae.analysis.charts import bar_chart, fmt, line_chart
+from sae.analysis.dashboard_data import write_data
 
 ASSETS = Path(__file__).with_name("dashboard_assets")
 DENSE_FREQ = 0.1  # a latent firing on more than 10% of tokens is "dense" (DESIGN.md)
@@ -40,13 +43,16 @@ class DashboardConfig:
     eval: str = field(default="", metadata={"help": "evaluation JSON (default: eval.json / evaluate.json beside the SAE)"})
     metrics: str = field(default="", metadata={"help": "training metrics JSONL (default: metrics.jsonl beside the SAE)"})
     contexts: int = field(default=20, metadata={"help": "top contexts shown per aggregation on a latent page"})
+    window: int = field(default=24, metadata={"help": "tokens shown per context around the latent's peak (<= 64; "
+                                                         "sets the size: ~7 KB per latent at 24)"})
     max_latents: int = field(default=0, metadata={"help": "pages for the first N latents only (0: all)"})
     title: str = field(default="", metadata={"help": "page title (default: from the SAE's cfg)"})
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.contexts <= 0 or self.max_latents < 0:
-            raise UserError(f"--contexts must be positive and --max-latents >= 0, got {self.contexts}, {self.max_latents}")
+        if not 0 < self.contexts <= 1000 or self.max_latents < 0 or not 0 < self.window <= 64:
+            raise UserError(f"--contexts must be in 1..1000, --window in 1..64 and --max-latents >= 0, got "
+                            f"{self.contexts}, {self.window}, {self.max_latents}")
 
 
 # ---- inputs -------------------------------------------------------------------------------------------------
@@ -96,113 +102,94 @@ def _first(path_opt: str, candidates: list[Path]) -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
-# ---- page pieces --------------------------------------------------------------------------------------------
-def page(title: str, body: str, depth: int = 0) -> str:
-    up = "../" * depth
+# ---- the overview page --------------------------------------------------------------------------------------
+# metric names as a reader wants them (eval.json / metrics.jsonl keys -> words); unknown keys are shown as they are
+NAMES = {"l0": "L0 (active latents per token)", "fvu": "FVU (fraction of variance unexplained)",
+         "tokens": "held-out tokens (L0, FVU)", "ce_clean": "CE loss, clean model (nats/token)",
+         "ce_sae": "CE loss, SAE spliced in", "ce_zero_ablation": "CE loss, activation zeroed",
+         "ce_mean_ablation": "CE loss, activation mean-ablated", "ce_loss_recovered": "CE loss recovered (vs zeroed)",
+         "ce_loss_recovered_mean_ablation": "CE loss recovered (vs mean-ablated)",
+         "delta_lm_loss": "\u0394 LM loss (SAE \u2212 clean, nats/token)", "lm_tokens": "held-out tokens (CE loss)",
+         "n_latents": "latents", "k": "k (active latents per token)"}
+CURVES = {"fvu": "FVU (training batch)", "val_fvu": "FVU (validation)", "l0": "L0 (training batch)",
+          "val_l0": "L0 (validation)", "loss": "training loss", "auxk": "AuxK loss", "lr": "learning rate",
+          "grad_norm": "gradient norm", "tokens_per_s": "tokens / s",
+          "dead": "training's dead share (unfired for --dead-tokens tokens; AuxK's)",
+          "dense": "training's dense share (last log window)", "unfired_window": "unfired in the last log window"}
+HIDDEN = {"dead", "dead_fraction", "dense", "dense_fraction", "density_hist", "sae", "hook_name"}  # one dead figure
+
+
+def page(title: str, body: str, scripts: tuple[str, ...] = ()) -> str:
+    # app.js first: it defines the window.__meta / __index / __vocab receivers the data scripts call
+    tags = "".join(f'<script src="{s}"></script>' for s in ("assets/app.js", "data/meta.js", *scripts))
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{escape(title)}</title>'
-            f'<link rel="stylesheet" href="{up}assets/style.css"></head><body>'
-            f'<header><a href="{up}index.html" class="home">SAE dashboard</a></header><main>{body}</main>'
-            f'<script src="{up}assets/app.js"></script></body></html>\n')
+            f'<link rel="stylesheet" href="assets/style.css"></head><body>'
+            f'<header><a href="index.html" class="home">SAE dashboard</a></header><main>{body}</main>{tags}'
+            f'</body></html>\n')
 
 
-def token_html(tok: str) -> str:
-    return escape(tok.replace("\n", "\u21b5").replace("\t", "\u21e5")) or "&nbsp;"
-
-
-def context_html(ctx: dict, scale: float) -> str:
-    """One context with each token shaded by this latent's activation (scale = the latent's max activation)."""
-    spans = []
-    for j, (tok, a) in enumerate(zip(ctx["tokens"], ctx["acts"])):
-        alpha = 0.0 if scale <= 0 else min(1.0, max(0.0, a / scale))
-        cls = "t pk" if ctx["start"] + j == ctx["pos"] else "t"
-        style = f' style="background:rgba(255,120,0,{alpha:.2f})"' if alpha > 0 else ""
-        spans.append(f'<span class="{cls}"{style} title="{fmt(a)}" data-act="{a:.4g}">{token_html(tok)}</span>')
-    return f'<div class="ctx"><span class="score">{fmt(ctx["score"])}</span><span class="toks">{"".join(spans)}</span></div>'
-
-
-def tokens_table(rows: list[dict], title: str) -> str:
-    body = "".join(f"<tr><td class=tok>{token_html(r['token'])}</td><td class=num>{fmt(r['logit'])}</td></tr>" for r in rows)
-    return (f'<div class="card"><h3>{escape(title)}</h3>'
-            + (f"<table>{body}</table>" if rows else "<p class=muted>no model was given to top_contexts</p>") + "</div>")
-
-
-def latent_page(rec: dict, lab: dict | None, n_latents: int, n_ctx: int) -> str:
-    l = rec["latent"]
-    name = lab.get("label", "") if lab else ""
-    head = f"<h1>Latent {l}{': ' + escape(name) if name else ''}</h1>"
-    nav = (f'<nav class="pager">' + (f'<a href="{l - 1}.html" id="prev">&larr; {l - 1}</a>' if l > 0 else "")
-           + '<a href="../index.html">all latents</a>'
-           + (f'<a href="{l + 1}.html" id="next">{l + 1} &rarr;</a>' if l + 1 < n_latents else "") + "</nav>")
-    info = ""
-    if lab:
-        det = lab.get("detection_score")
-        info = (f'<p class="desc">{escape(str(lab.get("description", "")))}</p><p class="muted">confidence '
-                f'{fmt(lab.get("confidence"))} &middot; detection score {fmt(det) if det is not None else "not scored"}</p>')
-    stats = "".join(f'<div class="stat"><b>{v}</b><span>{k}</span></div>' for k, v in (
-        ("firing frequency", fmt(rec["freq"])), ("tokens fired", fmt(rec["fire_count"])),
-        ("max activation", fmt(rec["max_act"])), ("mean activation", fmt(rec["mean_act"]))))
-    edges, counts = rec["hist"]["edges"], rec["hist"]["counts"]
-    hist = "<h3>activation histogram (non-zero)</h3>" + bar_chart(counts, edges[0], edges[-1], "activation histogram",
-                                                                  "activation", log_y=True)
-    ctx_html = ""
-    for agg, title in AGG_TITLES.items():
-        ctxs = rec.get(agg, [])[:n_ctx]
-        inner = "".join(context_html(c, rec["max_act"]) for c in ctxs) or "<p class=muted>never fired</p>"
-        ctx_html += f'<section class="contexts" id="{agg}"><h2>Top contexts by {title}</h2>{inner}</section>'
-    tokens = f'<div class="row">{tokens_table(rec["promoted"], "promoted tokens")}{tokens_table(rec["suppressed"], "suppressed tokens")}</div>'
-    body = (f'{nav}{head}{info}<div class="stats">{stats}</div><div class="row"><div class="card">{hist}</div></div>'
-            f'{tokens}{ctx_html}')
-    return page(f"Latent {l} {name}".strip(), body, depth=1)
+def stat(name: str, value: str, note: str = "") -> str:
+    title = f' title="{escape(note, quote=True)}"' if note else ""
+    return f'<div class="stat"{title}><b>{value}</b><span>{escape(name)}</span></div>'
 
 
 def overview_page(title: str, cfg_json: dict, evals: dict[str, float], freq: np.ndarray, metrics: list[dict],
-                  rows: list[str], summary: dict) -> str:
-    n = len(freq)
-    dead, dense = float((freq == 0).mean()) if n else 0.0, float((freq > DENSE_FREQ).mean()) if n else 0.0
-    cards = [("latents", fmt(n)), ("k", fmt(cfg_json.get("k", "-")) if isinstance(cfg_json.get("k"), (int, float)) else "-"),
-             ("dead (analysed tokens)", f"{dead:.1%}"), ("dense >10% (analysed tokens)", f"{dense:.1%}"),
-             ("tokens analysed", fmt(summary.get("n_tokens", 0)))]
-    for key in sorted(evals):
-        if key.split(".")[-1].lower() in HEADLINE:
-            cards.append((key, fmt(evals[key])))
-    cards_html = "".join(f'<div class="stat"><b>{v}</b><span>{escape(k)}</span></div>' for k, v in cards)
+                  summary: dict) -> str:
+    n, n_tok = len(freq), int(summary.get("n_tokens", 0))
+    dead, dense = int((freq == 0).sum()), int((freq > DENSE_FREQ).sum())
+    cards = [stat("latents", fmt(n)), stat("tokens analysed (top contexts)", fmt(n_tok)),
+             stat("dead latents", f"{dead:,} ({dead / max(n, 1):.1%})",
+                  f"never fired on the {n_tok:,} tokens analysed by top_contexts"),
+             stat(f"dense latents (fire on >{DENSE_FREQ:.0%} of tokens)", f"{dense:,} ({dense / max(n, 1):.1%})",
+                  f"on the {n_tok:,} tokens analysed by top_contexts")]
+    if isinstance(cfg_json.get("k"), (int, float)):
+        cards.insert(1, stat(NAMES["k"], fmt(cfg_json["k"])))
+    for key in ("l0", "fvu", "ce_loss_recovered", "delta_lm_loss"):
+        hit = next((k for k in evals if k.split(".")[-1] == key), None)
+        if hit is not None:
+            cards.append(stat(NAMES[key], fmt(evals[hit]), "from eval.json (scripts/evaluate.py, held-out tokens)"))
     logf = np.log10(freq[freq > 0]) if n else np.zeros(0)
     counts, _ = np.histogram(logf, bins=28, range=(-7.0, 0.0))
-    density = (f"<h3>latent density ({int((freq == 0).sum())} never fired)</h3>"
+    density = ("<h3>latent density: firing frequency on the analysed tokens (dead latents not shown)</h3>"
                + bar_chart(counts.tolist(), -7, 0, "latent density", "log10 firing frequency"))
     curves = ""
     if metrics:
         xkey = "step" if any("step" in m for m in metrics) else None
         keys = sorted({k for m in metrics for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                        and k not in ("step", "tokens", "time", "elapsed", "epoch")})
-        for k in keys[:12]:
+        for k in keys[:14]:
             pts = [(m.get(xkey, i) if xkey else i, m[k]) for i, m in enumerate(metrics)
                    if isinstance(m.get(k), (int, float)) and math.isfinite(m[k])]
             if len(pts) >= 2 and len({p[1] for p in pts}) > 1:  # constant series say nothing as a curve
-                curves += f'<div class="card"><h3>{escape(k)}</h3>{line_chart([p[0] for p in pts], [p[1] for p in pts], k)}</div>'
+                curves += (f'<div class="card"><h3>{escape(CURVES.get(k, k))}</h3>'
+                           f'{line_chart([p[0] for p in pts], [p[1] for p in pts], CURVES.get(k, k))}</div>')
     curves = f'<h2>Training curves</h2><div class="row">{curves}</div>' if curves else \
         '<h2>Training curves</h2><p class="muted">no training metrics JSONL found (--metrics)</p>'
-    eval_rows = "".join(f"<tr><td>{escape(k)}</td><td class=num>{fmt(v)}</td></tr>" for k, v in sorted(evals.items()))
-    eval_html = f'<div class="card"><h3>Evaluation</h3><table>{eval_rows}</table></div>' if evals else ""
+    shown = {k: v for k, v in sorted(evals.items()) if not HIDDEN & set(k.split("."))}
+    eval_rows = "".join(f"<tr><td>{escape(NAMES.get(k.split('.')[-1], k))}</td><td class=num>{fmt(v)}</td></tr>"
+                        for k, v in shown.items())
+    eval_html = f'<div class="card"><h3>Evaluation (eval.json)</h3><table>{eval_rows}</table></div>' if shown else ""
     cfg_rows = "".join(f"<tr><td>{escape(str(k))}</td><td>{escape(str(v))}</td></tr>" for k, v in cfg_json.items()
                        if not isinstance(v, (dict, list)))
     table = ('<h2>Latents</h2><input id="search" type="search" placeholder="search labels or latent number" '
-             'autocomplete="off"> <span id="count"></span><table id="latents" class="latents"><thead><tr><th>latent</th>'
-             '<th>label</th><th>freq</th><th>max act</th><th>detection</th><th>confidence</th></tr></thead><tbody>'
-             + "".join(rows) + "</tbody></table>")
-    body = (f'<h1>{escape(title)}</h1><div class="stats">{cards_html}</div><div class="row"><div class="card">{density}'
-            f'</div>{eval_html}<div class="card"><h3>SAE config</h3><table>{cfg_rows}</table></div></div>{curves}{table}')
-    return page(title, body)
+             'autocomplete="off"> <span id="count"></span><table id="latents" class="latents"><thead><tr>'
+             '<th data-key="latent">latent</th><th data-key="label">label</th><th data-key="freq">freq</th>'
+             '<th data-key="max">max act</th><th data-key="det">detection</th><th data-key="conf">confidence</th>'
+             '</tr></thead><tbody></tbody></table><button id="more" hidden>show more</button>'
+             '<noscript>The latents table and the latent pages need JavaScript.</noscript>')
+    body = (f'<h1>{escape(title)}</h1><div class="stats">{"".join(cards)}</div><div class="row"><div class="card">'
+            f'{density}</div>{eval_html}<div class="card"><h3>SAE config</h3><table>{cfg_rows}</table></div></div>'
+            f'{curves}{table}')
+    return page(title, body, ("data/index.js",))
 
 
-def index_row(rec: dict, lab: dict | None) -> str:
-    l, label = rec["latent"], (lab or {}).get("label", "")
-    det, conf = (lab or {}).get("detection_score"), (lab or {}).get("confidence")
-    text = escape(f"{l} {label} {(lab or {}).get('description', '')}".lower(), quote=True)
-    return (f'<tr data-search="{text}"><td><a href="latents/{l}.html">{l}</a></td><td>{escape(str(label))}</td>'
-            f'<td class=num>{fmt(rec["freq"])}</td><td class=num>{fmt(rec["max_act"])}</td>'
-            f'<td class=num>{fmt(det) if det is not None else ""}</td><td class=num>{fmt(conf) if conf is not None else ""}</td></tr>')
+def latent_shell(title: str, has_vocab: bool) -> str:
+    """latent.html: one page for every latent (latent.html#123), filled in by assets/app.js from data/."""
+    body = ('<nav class="pager"><a id="prev" href="#">&larr;</a><a href="index.html">all latents</a>'
+            '<a id="next" href="#">&rarr;</a></nav><div id="latent"><p class="muted">loading...</p></div>'
+            '<noscript>Latent pages need JavaScript.</noscript>')
+    return page(title, body, ("data/vocab.js",) if has_vocab else ())
 
 
 # ---- build --------------------------------------------------------------------------------------------------
@@ -222,19 +209,20 @@ def build_dashboard(cfg: DashboardConfig) -> Path:
     metrics_path = _first(cfg.metrics, [d / "metrics.jsonl" for d in near])
     metrics = read_metrics(metrics_path) if metrics_path else []
 
-    (out / "latents").mkdir(parents=True, exist_ok=True)
-    (out / "assets").mkdir(exist_ok=True)
+    if (out / "dashboard_config.json").is_file():  # an earlier dashboard here: none of its files may linger
+        for old in ("data", "latents", "assets"):
+            shutil.rmtree(out / old, ignore_errors=True)
+    (out / "assets").mkdir(parents=True, exist_ok=True)
     for f in ASSETS.iterdir():
         shutil.copyfile(f, out / "assets" / f.name)
     n = tc.n_latents if cfg.max_latents == 0 else min(cfg.max_latents, tc.n_latents)
-    rows = []
-    for l in progress_bar(range(n), desc="dashboard pages", disable=not cfg.progress):
-        rec = tc.latent(l)
-        atomic_write_bytes(out / "latents" / f"{l}.html", latent_page(rec, labels.get(l), n, cfg.contexts).encode())
-        rows.append(index_row(rec, labels.get(l)))
     title = cfg.title or f"SAE {cfg_json.get('hook_name', tc.summary.get('hook_name', ''))} " \
                          f"{cfg_json.get('model', cfg_json.get('model_name', ''))}".strip()
+    bar = lambda it: progress_bar(it, desc="dashboard data", unit="shard", disable=not cfg.progress)  # noqa: E731
+    meta = {"title": title, "aggs": AGG_TITLES, "bins": int(tc.summary.get("hist_bins", 64))}
+    write_data(out, tc, labels, n, cfg.contexts, cfg.window, meta, bar)
     freq = np.asarray(tc.array("freq"), dtype=np.float64)
-    atomic_write_bytes(out / "index.html", overview_page(title, cfg_json, evals, freq, metrics, rows, tc.summary).encode())
+    atomic_write_bytes(out / "latent.html", latent_shell(title, tc.vocab is not None).encode())
+    atomic_write_bytes(out / "index.html", overview_page(title, cfg_json, evals, freq, metrics, tc.summary).encode())
     save_config(cfg, out / "dashboard_config.json")
     return out / "index.html"

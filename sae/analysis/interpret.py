@@ -31,7 +31,8 @@ class InterpretConfig:
     out: str = field(default="", metadata={"help": "output folder for labels.json (default: --analysis)"})
     backend: str = field(default="dry-run", metadata={"help": "who writes the labels", "choices": list(BACKENDS)})
     dry_run: bool = field(default=False, metadata={"help": "only write the prompts (same as --backend dry-run)"})
-    model: str = field(default="", metadata={"help": "API model name, or the checkpoint folder for --backend llama"})
+    model: str = field(default="", metadata={"help": "API model name, or for --backend llama the checkpoint (folder, "
+                                                    ".gguf file, or a name: smollm2)"})
     base_url: str = field(default="", metadata={"help": "API base URL (default: the vendor's; e.g. a local server)"})
     api_key_env: str = field(default="", metadata={"help": "env var holding the API key (default per backend)"})
     latents: list[int] = field(default_factory=list, metadata={"help": "latents to label (default: all with contexts)"})
@@ -108,26 +109,36 @@ def explain_prompt(rec: dict, n_shown: int, max_tokens: int) -> str:
     return "\n".join(lines)
 
 
-def load_table(path: Path) -> dict:
+def load_table(path: Path, what: str = "labels table") -> dict:
+    """labels.json as a dict (an empty table when the file does not exist); anything else in its place is one
+    error saying what is wrong with which file."""
     if not path.is_file():
         return {"format": LABELS_FORMAT, "backend": "", "model": "", "latents": {}, "errors": {}}
+    expected = f"expected the {what} that scripts/interpret.py writes (format {LABELS_FORMAT!r})"
     try:
-        table = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e}); move it away to start over") from e
-    if table.get("format") != LABELS_FORMAT:
-        raise UserError(f"{path}: format {table.get('format')!r}, expected {LABELS_FORMAT!r}")
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); {expected}") from e
+    if not isinstance(table, dict) or table.get("format") != LABELS_FORMAT:
+        found = f"format {table.get('format')!r}" if isinstance(table, dict) else f"a JSON {type(table).__name__}"
+        raise UserError(f"{path} holds {found}; {expected}")
+    if not isinstance(table.get("latents"), dict):
+        raise UserError(f"{path} has no 'latents' object; {expected}")
     table.setdefault("errors", {})
     return table
 
 
 def load_labels(path: str | Path) -> dict[int, Label]:
     """labels.json -> {latent: Label(label, description, confidence, detection_score)}."""
-    table = load_table(Path(path))
     if not Path(path).is_file():
-        raise UserError(f"{path}: no labels table (run scripts/interpret.py)")
-    return {int(k): Label(v["label"], v["description"], float(v["confidence"]), v.get("detection_score"))
-            for k, v in table["latents"].items()}
+        raise UserError(f"--labels {path}: no such file (write it with scripts/interpret.py)")
+    table = load_table(Path(path))
+    try:
+        return {int(k): Label(str(v["label"]), str(v["description"]), float(v["confidence"]), v.get("detection_score"))
+                for k, v in table["latents"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise UserError(f"--labels {path}: a latent entry lacks label/description/confidence or is malformed "
+                        f"({type(e).__name__}: {e})") from e
 
 
 def _explain(tc: Any, backend: Backend, table: dict, todo: list[int], cfg: InterpretConfig) -> None:

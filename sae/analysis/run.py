@@ -42,7 +42,7 @@ def run_top_contexts(cfg: TopContextsConfig) -> Path:
     sae_model = sae_pkg.load(cfg.sae, device=device)
     hook = getattr(sae_model.cfg, "hook_name", "")
     store = None
-    model_dir = cfg.model
+    model_dir = str(llama.resolve_model(cfg.model)) if cfg.model else ""  # a path, or a name such as smollm2
     if cfg.store:
         from sae.activations.store import open_store
         store = open_store(cfg.store)

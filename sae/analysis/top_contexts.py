@@ -31,7 +31,8 @@ class TopContextsConfig:
     sae: str = field(default="", metadata={"help": "SAE folder (cfg.json + sae_weights.safetensors)"})
     store: str = field(default="", metadata={"help": "activation store folder to scan (or use --text)"})
     text: str = field(default="", metadata={"help": "text file, one document per line, run through --model"})
-    model: str = field(default="", metadata={"help": "model folder (tokenizer, logit lens; default: the store's)"})
+    model: str = field(default="", metadata={"help": "model folder, .gguf file or name such as smollm2 (tokenizer, "
+                                                    "logit lens; default: the store's)"})
     out: str = field(default="runs/analysis", metadata={"help": "output folder"})
     n: int = field(default=50, metadata={"help": "contexts kept per latent and aggregation"})
     batch_rows: int = field(default=8192, metadata={"help": "rows (tokens) per SAE encode"})

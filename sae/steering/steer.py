@@ -20,7 +20,8 @@ Steering API: a list of `Steer(latent, strength, mode)` given to
 `SAESplice`; `parse_steer("123:8")`, `parse_steer("golden gate:10:clamp", labels)` build them from text.
 `rows` limits steering to some rows of the batch (the web UI generates steered and unsteered side by side in one
 batch). With `record > 0` the splice keeps, for the last position of every row of the latest call, the `record`
-most active latents of the (steered) code: the latents active where the next token is chosen.
+most active latents of that row's code (steered rows: the steered code; rows left unsteered by `rows`: their clean
+code): the latents active where that row's next token is chosen.
 """
 from __future__ import annotations
 
@@ -171,9 +172,15 @@ class SAESplice:
         with torch.no_grad():
             acts, idx = clean_encode(self.sae, flat)
             acts2, idx2 = steer_code(acts, idx, self.steers)
-            if self.record:
+            if self.record:  # each row's own code where its next token is chosen: steered rows the steered one
                 last = (torch.arange(B, device=x.device) * T + T - 1)
-                self.last = top_active(acts2[last], idx2[last], self.record)
+                rec_acts, rec_idx = acts2[last], idx2[last]
+                if self.rows is not None and self.steers:  # unsteered rows list their clean code, never the steer
+                    pad = (0, acts2.shape[1] - acts.shape[1])  # extra zero slots (a zero adds nothing)
+                    keep = self.rows.to(x.device)[:B].view(B, 1)
+                    rec_acts = torch.where(keep, rec_acts, torch.nn.functional.pad(acts[last], pad))
+                    rec_idx = torch.where(keep, rec_idx, torch.nn.functional.pad(idx[last], pad))
+                self.last = top_active(rec_acts, rec_idx, self.record)
             if not self.steers and self.error_term:
                 return x
             steered = self.sae.decode(acts2, idx2, like=flat)
@@ -246,9 +253,10 @@ class Steering(NamedTuple):
 def load_steering(model_dir: str, sae_dir: str, labels: str = "", tokenizer: str = "", device: str = "cpu",
                   dtype: torch.dtype = torch.float32) -> Steering:
     """Model + tokenizer + SAE (+ labels) for steering, checked to belong together."""
-    from llama.checkpoint import load_model
+    from llama.checkpoint import load_model, resolve_model
     from llama.tokenizer import Tokenizer
     from sae.formats import load
+    model_dir = str(resolve_model(model_dir))  # a path, or a name such as smollm2
     model = load_model(model_dir, device=device, dtype=dtype).eval()
     tok = Tokenizer.from_file(tokenizer or model_dir)
     sae = load(sae_dir, device=device).to(device).eval()
