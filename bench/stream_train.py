@@ -4,8 +4,8 @@
     python bench/stream_train.py --seeds 0             # speed only
     python bench/stream_train.py --model M --inputs data.jsonl --point blocks.15.hook_resid_post --device cuda
 
-Speed (one point, one TopK SAE, the same N x B tokens: whole shuffle rounds within one pass over --corpus-docs
-documents of the tiny model's own training corpus):
+Inputs: --corpus-docs documents of the tiny model's own training corpus (CPython docs), unless --inputs.
+Speed (one point, one TopK SAE, the same N x B tokens: whole shuffle rounds within one pass over the inputs):
   capture+train  scripts/capture.py's job into a temp store, then the store path's Trainer for N steps
   store-free     sae.train_many: the same contexts forwarded on the fly into the shuffle buffer, same N steps
   forward share  seconds in the model's forward / wall seconds of the store-free run
@@ -54,7 +54,8 @@ class BenchConfig:
     expansion: int = 8
     k: int = 16
     batch_size: int = 1024
-    corpus_docs: int = 2500  # speed on this many documents of the tiny model's training corpus (0: --inputs)
+    corpus_docs: int = 2500  # inputs: this many documents of the tiny model's training corpus (0: --inputs)
+    batch_tokens: int = 8192  # padded tokens per forward batch (capture's --batch-tokens)
     quality_steps: int = 400
     buffer_batches: list[int] = field(default_factory=lambda: [16, 0])  # store-free sides of quality (0: default)
     rounds: int = 3
@@ -70,8 +71,9 @@ def _common(b: BenchConfig, steps: int, seed: int) -> dict:
 
 def _stream(b: BenchConfig, out: Path, points: list[str], steps: int, seed: int, ks: list[int], net, tok,
             buffer_batches: int = 0) -> float:
-    cfg = StreamTrainConfig(model=b.model, inputs=b.inputs, out=str(out), points=points, **{**_common(b, steps, seed),
-                            "expansion": [b.expansion], "k": ks, "buffer_batches": buffer_batches})
+    cfg = StreamTrainConfig(model=b.model, inputs=b.inputs, out=str(out), points=points, batch_tokens=b.batch_tokens,
+                            **{**_common(b, steps, seed), "expansion": [b.expansion], "k": ks,
+                               "buffer_batches": buffer_batches})
     t0 = time.perf_counter()
     train_many(cfg, model=net, tok=tok)
     return time.perf_counter() - t0
@@ -85,20 +87,17 @@ def _store_train(b: BenchConfig, store: Path, out: Path, point: str, steps: int,
 
 
 def speed(b: BenchConfig, tmp: Path, net, tok) -> None:
-    if b.corpus_docs and not b.inputs and Path(b.model).resolve() == (ROOT / "weights" / "tiny").resolve():
-        from llama.tiny.corpus import build_corpus
-        (tmp / "corpus.txt").write_text("\n".join(build_corpus().train[:b.corpus_docs]) + "\n")
-        b = dataclasses.replace(b, inputs=[str(tmp / "corpus.txt")])
     t_cap, t_train, t_sf, t_n = [], [], [], {2: [], 4: []}
     m: dict = {}
     for r in range(b.rounds):  # alternate the sides; medians (the machine is shared)
         t0 = time.perf_counter()
         run_capture(CaptureConfig(model=b.model, inputs=b.inputs, out=str(tmp / f"store1-{r}"), points=[b.point],
-                                  device=b.device, progress=False), model=net, tokenizer=tok)
+                                  batch_tokens=b.batch_tokens, device=b.device, progress=False),
+                    model=net, tokenizer=tok)
         t_cap.append(time.perf_counter() - t0)
         rows = open_store(tmp / f"store1-{r}").num_rows("train")
         # whole shuffle rounds within one pass: store-free forwards exactly what it trains on, capture one pass
-        bb = StreamTrainConfig(batch_size=b.batch_size).buffer_batches_for(1)
+        bb = StreamTrainConfig(batch_size=b.batch_size, batch_tokens=b.batch_tokens).buffer_batches_for(1)
         steps = bb * max(1, rows // (bb * b.batch_size))
         t_train.append(_store_train(b, tmp / f"store1-{r}", tmp / f"st{r}", b.point, steps, 0))
         t_sf.append(_stream(b, tmp / f"sf1-{r}", [b.point], steps, 0, [b.k], net, tok))
@@ -112,11 +111,12 @@ def speed(b: BenchConfig, tmp: Path, net, tok) -> None:
     print(f"\n== speed: {tokens:,} tokens ({steps} steps x {b.batch_size}; {tokens / rows:.2f} passes over {rows:,} "
           f"training rows), {b.expansion}x latents, k={b.k}, buffer {bb} batches, medians of {b.rounds} alternating "
           f"rounds")
-    print(f"capture+train   {cap + trn:7.2f} s  ({cap:.2f} capture + {trn:.2f} train)  {tokens / (cap + trn):10,.0f} tok/s")
-    print(f"store-free      {sf:7.2f} s  {tokens / sf:40,.0f} tok/s   (capture+train) / store-free = "
+    print(f"capture+train   {cap + trn:7.2f} s  {tokens / (cap + trn):8,.0f} tok/s  ({cap:.2f} s capture + {trn:.2f} s "
+          f"train)")
+    print(f"store-free      {sf:7.2f} s  {tokens / sf:8,.0f} tok/s  (capture+train) / store-free = "
           f"{(cap + trn) / sf:.2f}")
-    print(f"forward share   {m['forward_fraction']:.0%} of the store-free loop (forward {m['forward_tokens_per_s']:,.0f} "
-          f"tok/s, SAE steps {m['sae_tokens_per_s']:,.0f} tok/s; last round)")
+    print(f"forward share   {m['forward_fraction']:.0%} of the store-free loop (forward "
+          f"{m['forward_tokens_per_s']:,.0f} tok/s, SAE steps {m['sae_tokens_per_s']:,.0f} tok/s; last round)")
     for n, ts in t_n.items():
         print(f"{n} SAEs on the point  {med(ts):7.2f} s  = {med(ts) / sf:.2f}x one SAE")
 
@@ -124,9 +124,10 @@ def speed(b: BenchConfig, tmp: Path, net, tok) -> None:
 def quality(b: BenchConfig, tmp: Path, net, tok) -> None:
     store = tmp / "store2"
     run_capture(CaptureConfig(model=b.model, inputs=b.inputs, out=str(store), points=[b.point, b.point2],
+                              batch_tokens=b.batch_tokens,
                               device=b.device, progress=False), model=net, tokenizer=tok)
     st = open_store(store)
-    auto = StreamTrainConfig(batch_size=b.batch_size).buffer_batches_for(1)
+    auto = StreamTrainConfig(batch_size=b.batch_size, batch_tokens=b.batch_tokens).buffer_batches_for(1)
     sides = ["store"] + [f"store-free bb{bb or f'{auto} (default)'}" for bb in b.buffer_batches]
     fvu: dict[tuple[str, str], list[float]] = {}
     for seed in b.seeds:
@@ -138,7 +139,8 @@ def quality(b: BenchConfig, tmp: Path, net, tok) -> None:
                                                       for bb in b.buffer_batches]
             for side, path in zip(sides, where):
                 fvu.setdefault((p, side), []).append(activation_metrics(load(path), st, 4096, point=p)["fvu"])
-    print(f"\n== quality: held-out FVU (the store's validation split, {st.num_rows('val'):,} rows), {b.quality_steps} "
+    print(f"\n== quality: held-out FVU (the store's validation split, {st.num_rows('val'):,} of {len(st):,} rows), "
+          f"{b.quality_steps} "
           f"steps x {b.batch_size}, seeds {b.seeds}; two points in one store-free run (bbN: --buffer-batches N) vs "
           f"one store run per point; paired difference = store-free - store, same seed")
     sd = (lambda v: statistics.stdev(v) if len(v) > 1 else float("nan"))
@@ -157,6 +159,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(b.threads)
     net, tok = llama.load_model(b.model, device=b.device), llama.Tokenizer.from_file(b.model)
     with tempfile.TemporaryDirectory(prefix="stream_bench_") as d:
+        if b.corpus_docs and not b.inputs:  # documents of the tiny model's own training corpus (not its heldout)
+            from llama.tiny.corpus import build_corpus
+            (Path(d) / "corpus.txt").write_text("\n".join(build_corpus().train[:b.corpus_docs]) + "\n")
+            b = dataclasses.replace(b, inputs=[str(Path(d) / "corpus.txt")])
         speed(b, Path(d), net, tok)
         if b.seeds:
             quality(b, Path(d), net, tok)

@@ -81,7 +81,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", hook_name: str | 
 
 
 def _is_sae_dir(p: Path) -> bool:
-    return (p / "cfg.json").is_file() and ((p / "sae_weights.safetensors").is_file() or (p / "sae.safetensors").is_file())
+    return (p / "cfg.json").is_file() and any((p / f).is_file() for f in ("sae_weights.safetensors", "sae.safetensors"))
 
 
 def load_many(path: str | Path, device: str | torch.device = "cpu") -> dict[str, SAE]:

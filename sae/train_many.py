@@ -212,8 +212,9 @@ class StreamTrainer:
                 if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.steps:
                     self.save_checkpoint(self.step)
                 bar.update(1)
-                bar.set_postfix_str(f"fwd {rates['forward_tokens_per_s']:,.0f} tok/s | sae {rates['sae_tokens_per_s']:,.0f} "
-                                    f"tok/s | {rates['forward_fraction']:.0%} in forward", refresh=False)
+                bar.set_postfix_str(f"fwd {rates['forward_tokens_per_s']:,.0f} tok/s | sae "
+                                    f"{rates['sae_tokens_per_s']:,.0f} tok/s | {rates['forward_fraction']:.0%} in "
+                                    f"forward", refresh=False)
                 if callback is not None:
                     callback(self.step, self)
                 if halt(bool(self.stop)):

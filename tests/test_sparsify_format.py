@@ -49,9 +49,10 @@ def documented_folder(path: Path, d: int, n: int, k: int, seed: int = 0, **cfg) 
          "W_dec": w / w.norm(dim=1, keepdim=True), "b_dec": torch.randn(d, generator=g) * 0.1}
     path.mkdir(parents=True)
     save_file(t, str(path / "sae.safetensors"))
-    (path / "cfg.json").write_text(json.dumps({"activation": "topk", "expansion_factor": n // d, "normalize_decoder": True,
-                                               "num_latents": n, "k": k, "multi_topk": False, "skip_connection": False,
-                                               "transcode": False, "d_in": d, **cfg}))
+    (path / "cfg.json").write_text(json.dumps({"activation": "topk", "expansion_factor": n // d,
+                                               "normalize_decoder": True, "num_latents": n, "k": k,
+                                               "multi_topk": False, "skip_connection": False, "transcode": False,
+                                               "d_in": d, **cfg}))
     return t
 
 

@@ -166,7 +166,8 @@ def test_torchrun_two_ranks_equal_one_process(tiny, tmp_path: Path, mode: str) -
         a, b = load((tmp_path / "one" / name).parent), load((tmp_path / "two" / name).parent)
         for t in ("W_enc", "b_enc", "W_dec", "b_dec"):
             torch.testing.assert_close(getattr(b, t), getattr(a, t), atol=2e-5, rtol=1e-4, msg=f"{name} {t}")
-    metrics = [json.loads(ln) for ln in (tmp_path / "two" / P2 / "topk-n256-k4" / "metrics.jsonl").read_text().splitlines()]
+    log = tmp_path / "two" / P2 / "topk-n256-k4" / "metrics.jsonl"
+    metrics = [json.loads(ln) for ln in log.read_text().splitlines()]
     assert metrics[-1]["dead"] > 0  # AuxK was active in the compared run
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert [r["sae"] for r in summary] == ["topk-n128-k4", "topk-n256-k4"] * 2

@@ -90,7 +90,8 @@ class ShardBuffer:
             self.it = None  # another pass over the inputs
 
     def _fill(self, j: int) -> None:
-        """Copy the shard's rows [j R, (j+1) R) into the buffer: skip (no forward) what lies before, forward the rest."""
+        """Copy the shard's rows [j R, (j+1) R) into the buffer: skip (no forward) what lies before, forward the
+        rest."""
         lo, filled = j * self.R, 0
         while filled < self.R:
             want = lo + filled
