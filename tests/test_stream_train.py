@@ -80,6 +80,30 @@ def test_stream_is_captures_row_stream_shuffled(tiny) -> None:
     stream.close()
 
 
+def test_a_stream_started_at_a_later_pass_continues_the_same_batches(tiny) -> None:
+    """start_step far past several passes over the documents (skipped by counting, not by forwarding) gives the
+    batches an uninterrupted stream gives at those steps."""
+    model, tok = tiny
+    cfg = resolve_context(flags(Path("unused"), max_docs=25))
+    files = expand_inputs(cfg.inputs)
+    run = open_stream(cfg, model, tok, files, [P1], [0], 1, 64, buffer_batches=3, seed=1)
+    ref = [run.next() for _ in range(60)]
+    passes = run.shards[0].epoch
+    late = open_stream(cfg, model, tok, files, [P1], [0], 1, 64, buffer_batches=3, seed=1, start_step=55)
+    assert passes >= 3 and late.shards[0].pass_rows < 0
+    read, passes_of = [], late.shards[0].batches
+    late.shards[0].batches = lambda e: read.append(e) or passes_of(e)
+    for want in ref[55:]:
+        got = late.next()
+        assert torch.equal(got.acts[P1], want.acts[P1]) and (got.doc_id == want.doc_id).all()
+    # the first pass is tokenized to count its rows, the passes wholly before step 55's round are not even read
+    assert read[0] == 0 and read[-1] == passes and 1 not in read
+    # forwarded: only the 2 rounds of steps 55-59 and the <= 1024-token forward batches they straddle
+    assert late.timer.rows <= 2 * 3 * 64 + 2 * 1024 and late.timer.rows < run.timer.rows / 2
+    run.close()
+    late.close()
+
+
 def test_resume_is_bit_identical_and_only_sae_files_and_checkpoints_are_written(tiny, tmp_path: Path,
                                                                                  monkeypatch) -> None:
     model, tok = tiny

@@ -67,6 +67,7 @@ class ShardBuffer:
         self.epoch = -1  # passes over the inputs started
         self.next_row = 0  # the shard's row index of the next batch `it` yields
         self.epoch_rows = 0
+        self.pass_rows = -1  # rows of one whole pass (the same every pass: only their order changes), once known
         self.pending: _Pending | None = None
         self.round = -1
         self.buf: dict[str, Tensor] = {}
@@ -75,10 +76,13 @@ class ShardBuffer:
         self.pos = np.zeros(self.R, np.int32)
         self.perm = torch.zeros(0, dtype=torch.long)
 
-    def _next_packed(self) -> Batch:
+    def _next_packed(self, want: int) -> Batch:
         while True:
             if self.it is None:
                 self.epoch += 1
+                if 0 < self.pass_rows <= want - self.next_row:  # a resume past this whole pass: not even tokenized
+                    self.next_row += self.pass_rows
+                    continue
                 self.it, self.epoch_rows = self.batches(self.epoch), 0
             b = next(self.it, None)
             if b is not None:
@@ -87,7 +91,7 @@ class ShardBuffer:
             if self.epoch_rows == 0:
                 raise UserError(f"data shard {self.shard} holds no training rows: the inputs have too few documents "
                                 f"for the data shards (or all of them are held out for validation)")
-            self.it = None  # another pass over the inputs
+            self.it, self.pass_rows = None, self.epoch_rows  # another pass over the inputs
 
     def _fill(self, j: int) -> None:
         """Copy the shard's rows [j R, (j+1) R) into the buffer: skip (no forward) what lies before, forward the
@@ -97,7 +101,7 @@ class ShardBuffer:
             want = lo + filled
             p = self.pending
             if p is None or p.start + len(p.doc_id) <= want:
-                b = self._next_packed()
+                b = self._next_packed(want)
                 start, self.next_row = self.next_row, self.next_row + b.n_rows
                 if b.n_rows == 0 or start + b.n_rows <= want:
                     continue  # rows before this round (a resume): tokenized, never run through the model
