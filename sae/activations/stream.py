@@ -20,7 +20,8 @@ gives per step), shuffled by a permutation seeded by (seed, shard, j); step i ta
 the SAEs of all points see the same tokens. Memory per point: R rows plus at most one forward batch, whatever the
 length of the run. The batch of every step is a pure function of (inputs, flags, step): a resumed run rebuilds
 its current round (a tokenize-only replay of the earlier rows, then the forwards of one round) and continues
-bit-identically with no activation saved.
+bit-identically with no activation saved (whole passes before that round are skipped by their row count, which
+is the same every pass).
 """
 from __future__ import annotations
 
