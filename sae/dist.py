@@ -185,7 +185,7 @@ class StopVote:
             work, flag = self.pending
             work.wait()
             self.stopped = bool(flag.item())
-        flag = torch.tensor([int(bool(local_stop))], dtype=torch.int32)
+        flag = torch.tensor([int(bool(local_stop))], dtype=torch.int32, device="cpu")  # the vote group is gloo
         self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
         return self.stopped
 
