@@ -2,6 +2,8 @@
 
     python bench/stream_train.py                       # speed + quality, ~3 min on 2 shared CPU cores
     python bench/stream_train.py --seeds 0             # speed only
+    python bench/stream_train.py --model smollm2 --point blocks.15.hook_resid_post --corpus-docs 300 \
+        --batch-size 512 --batch-tokens 2048 --rounds 1 --seeds     # SmolLM2-135M (GGUF), speed only, ~10 min
     python bench/stream_train.py --model M --inputs data.jsonl --point blocks.15.hook_resid_post --device cuda
 
 Inputs: --corpus-docs documents of the tiny model's own training corpus (CPython docs), unless --inputs.
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import llama  # noqa: E402
+from llama.checkpoint import resolve_model  # noqa: E402
 from llama.cli import parse_config  # noqa: E402
 from sae.activations.capture import CaptureConfig, run_capture  # noqa: E402
 from sae import load  # noqa: E402
@@ -157,6 +160,7 @@ def quality(b: BenchConfig, tmp: Path, net, tok) -> None:
 def main(argv: list[str] | None = None) -> None:
     b = parse_config(BenchConfig, argv, description=__doc__)
     torch.set_num_threads(b.threads)
+    b = dataclasses.replace(b, model=str(resolve_model(b.model)))  # a folder, a .gguf file or a name (smollm2)
     net, tok = llama.load_model(b.model, device=b.device), llama.Tokenizer.from_file(b.model)
     with tempfile.TemporaryDirectory(prefix="stream_bench_") as d:
         if b.corpus_docs and not b.inputs:  # documents of the tiny model's own training corpus (not its heldout)
