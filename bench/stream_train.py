@@ -118,6 +118,8 @@ def speed(b: BenchConfig, tmp: Path, net, tok) -> None:
           f"train)")
     print(f"store-free      {sf:7.2f} s  {tokens / sf:8,.0f} tok/s  (capture+train) / store-free = "
           f"{(cap + trn) / sf:.2f}")
+    print(f"per forwarded row: capture {len(open_store(tmp / 'store1-0')) / cap:,.0f} rows/s (a whole pass, "
+          f"writes included), store-free forward {m['forward_tokens_per_s']:,.0f} rows/s")
     print(f"forward share   {m['forward_fraction']:.0%} of the store-free loop (forward "
           f"{m['forward_tokens_per_s']:,.0f} tok/s, SAE steps {m['sae_tokens_per_s']:,.0f} tok/s; last round)")
     for n, ts in t_n.items():
