@@ -10,9 +10,9 @@ Its three parts have folders of their own: `activations/` (text -> residual stre
 automated interpretation, the dashboard).
 """
 from sae.config import SAEConfig, TrainConfig
-from sae.formats import export_sparsify, import_legacy_pth, load, save
+from sae.formats import export_sparsify, import_legacy_pth, load, load_many, save
 from sae.model import SAE, EncodeOutput, SAEOutput, TopKSAE, build_sae
 from sae.activations.source import TensorSource
 
-__all__ = ["SAEConfig", "TrainConfig", "SAE", "TopKSAE", "build_sae", "EncodeOutput", "SAEOutput", "load", "save",
-           "export_sparsify", "import_legacy_pth", "TensorSource"]
+__all__ = ["SAEConfig", "TrainConfig", "SAE", "TopKSAE", "build_sae", "EncodeOutput", "SAEOutput", "load", "load_many",
+           "save", "export_sparsify", "import_legacy_pth", "TensorSource"]

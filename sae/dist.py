@@ -12,7 +12,8 @@ environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
 from __future__ import annotations
 
 import os
-from typing import Iterable, NamedTuple
+from contextlib import contextmanager
+from typing import Iterable, Iterator, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -59,8 +60,23 @@ def init(device_pref: str = "auto") -> DistInfo:
     return DistInfo(rank, dist.get_world_size() if dist.is_initialized() else 1, local_rank, device)
 
 
+_SOLO = False  # inside solo(): every helper below acts as on one process
+
+
+@contextmanager
+def solo() -> Iterator[None]:
+    """Run code that would synchronise ranks (sums, gradient all-reduce, barriers) as if on one process: for a
+    module that lives on this rank only (sae.train_many --distribute-saes)."""
+    global _SOLO
+    prev, _SOLO = _SOLO, True
+    try:
+        yield
+    finally:
+        _SOLO = prev
+
+
 def active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return not _SOLO and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def world_size() -> int:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llama.cli import UserError, atomic_write_bytes, atomic_write_json, save_config
+from sae.activations.packing import SINK_NAMES, sink_token_ids  # noqa: F401  (one definition of the sinks)
 from sae.loss import ce_loss_recovered, fire_counts, usage
 from sae.model import SAE
 
@@ -64,17 +65,6 @@ def activation_metrics(sae: SAE, source: Any, batch_size: int = 4096, max_tokens
             "dead_fraction": use.dead_fraction, "dense_fraction": use.dense_fraction,
             "density_hist": {"log10_edges": [round(float(e), 3) for e in edges], "counts": [int(c) for c in hist],
                              "dead": int((counts == 0).sum())}}
-
-
-SINK_NAMES = ("<|begin_of_text|>", "<|end_of_text|>", "<|endoftext|>", "<s>", "</s>")
-
-
-def sink_token_ids(tokenizer: Any) -> set[int]:
-    """The tokenizer's BOS / EOS ids and its end-of-text-like specials (<|endoftext|> is SmolLM2's sink)."""
-    specials = getattr(tokenizer, "special_tokens", None) or {}
-    ids = {getattr(tokenizer, "bos_id", -1), getattr(tokenizer, "eos_id", -1)}
-    ids |= {specials[name] for name in SINK_NAMES if name in specials}
-    return {int(i) for i in ids if i is not None and int(i) >= 0}
 
 
 def ordinary_positions(tokens: Tensor, sink_ids: Iterable[int] = ()) -> Tensor:

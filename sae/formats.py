@@ -1,5 +1,5 @@
-"""SAE files: our SAELens-compatible folder (save/load), export to EleutherAI sparsify, import of the earlier
-project's `.pth`.
+"""SAE files: our SAELens-compatible folder (save/load), EleutherAI sparsify's folders (load, load_many, export),
+import of the earlier project's `.pth`.
 
 SAELens folder = `cfg.json` + `sae_weights.safetensors` with W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in],
 b_dec (+ `threshold` for JumpReLU). The dataset scalar s is FOLDED into the weights so any SAELens-style reader
@@ -9,6 +9,7 @@ so `load` unfolds it back to unit-norm decoder rows exactly (up to float roundin
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -56,16 +57,107 @@ def save(sae: SAE, out_dir: str | Path, extra: dict[str, Any] | None = None) -> 
 
 def _read_cfg(path: Path) -> dict[str, Any]:
     if not (path / "cfg.json").is_file() or not (path / "sae_weights.safetensors").is_file():
-        raise UserError(f"{path}: expected an SAE folder with cfg.json and sae_weights.safetensors")
+        subs = sorted(q.name for q in path.iterdir() if _is_sae_dir(q)) if path.is_dir() else []
+        hint = f" (it holds the SAE folders {subs[:6]}: load one of them, or all with sae.load_many)" if subs else ""
+        raise UserError(f"{path}: expected an SAE folder with cfg.json and sae_weights.safetensors (ours, SAELens) "
+                        f"or sae.safetensors (sparsify){hint}")
     try:
         return json.loads((path / "cfg.json").read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path / 'cfg.json'}: not valid JSON ({e})") from e
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> SAE:
-    """Read a SAELens-style folder (ours, or a plain SAELens topk/jumprelu/standard SAE) into an SAE."""
+def load(path: str | Path, device: str | torch.device = "cpu", hook_name: str | None = None) -> SAE:
+    """Read a SAELens-style folder (ours, or a plain SAELens topk/jumprelu/standard SAE) or an EleutherAI sparsify
+    hookpoint folder (cfg.json + sae.safetensors) into an SAE. hook_name overrides the capture point it records."""
     path = Path(path)
+    if (path / "sae.safetensors").is_file() and not (path / "sae_weights.safetensors").is_file():
+        sae = load_sparsify(path)
+    else:
+        sae = _load_saelens(path)
+    if hook_name is not None:
+        sae.cfg.hook_name = hook_name
+    return sae.to(device).eval()
+
+
+def _is_sae_dir(p: Path) -> bool:
+    return (p / "cfg.json").is_file() and any((p / f).is_file() for f in ("sae_weights.safetensors", "sae.safetensors"))
+
+
+def load_many(path: str | Path, device: str | torch.device = "cpu") -> dict[str, SAE]:
+    """Every SAE folder under `path` (itself included), keyed by its path relative to `path`: a sparsify run's
+    hookpoint folders (`layers.10`, ...) or a store-free run's `<point>/<shape>/sae` folders."""
+    root = Path(path)
+    found = sorted({q.parent for q in root.rglob("cfg.json") if _is_sae_dir(q.parent)})
+    if not found:
+        raise UserError(f"{root}: no SAE folder (cfg.json + sae_weights.safetensors or sae.safetensors) below it")
+    return {str(q.relative_to(root)) or ".": load(q, device) for q in found}
+
+
+# sparsify names a hookpoint by the HF module whose OUTPUT it reads: the decoder layer (= the residual stream
+# after it), its MLP or its attention (before the residual add), or the embedding (the stream entering layer 0).
+SPARSIFY_HOOKS = ((r"(?:model\.)?layers\.(\d+)", "blocks.{}.hook_resid_post"),
+                  (r"(?:model\.)?layers\.(\d+)\.mlp", "blocks.{}.hook_mlp_out"),
+                  (r"(?:model\.)?layers\.(\d+)\.self_attn", "blocks.{}.hook_attn_out"),
+                  (r"(?:model\.)?embed_tokens", "blocks.0.hook_resid_pre"))
+
+
+def hook_from_sparsify(hookpoint: str) -> str:
+    """sparsify hookpoint -> our capture point (`layers.10` -> `blocks.10.hook_resid_post`); others unchanged."""
+    for pattern, ours in SPARSIFY_HOOKS:
+        m = re.fullmatch(pattern, hookpoint)
+        if m:
+            return ours.format(*m.groups())
+    return hookpoint
+
+
+def sparsify_hookpoint(hook_name: str) -> str:
+    """Our capture point -> the sparsify hookpoint folder name that reads the same tensor (inverse of
+    hook_from_sparsify; blocks.N.hook_resid_pre is layer N-1's output)."""
+    m = re.fullmatch(r"blocks\.(\d+)\.hook_(resid_pre|resid_post|mlp_out|attn_out)", hook_name)
+    if not m:
+        return hook_name
+    i, kind = int(m.group(1)), m.group(2)
+    if kind == "resid_pre":
+        return "embed_tokens" if i == 0 else f"layers.{i - 1}"
+    return f"layers.{i}" + {"resid_post": "", "mlp_out": ".mlp", "attn_out": ".self_attn"}[kind]
+
+
+def load_sparsify(path: str | Path) -> SAE:
+    """One sparsify hookpoint folder: cfg.json (SparseCoderConfig fields + d_in) and sae.safetensors
+    (encoder.weight [n, d], encoder.bias [n], W_dec [n, d], b_dec [d]). Its encoder is TopK(ReLU(W (x - b_dec) +
+    b)), its decoder sum_i a_i W_dec[i] + b_dec on raw activations: our topk SAE with normalize="none"."""
+    path = Path(path)
+    try:
+        raw = json.loads((path / "cfg.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path / 'cfg.json'}: not a readable JSON config ({e})") from e
+    unsupported = {k: raw[k] for k in ("transcode", "skip_connection", "embed_skip", "gram_lookup") if raw.get(k)}
+    if raw.get("activation", "topk") != "topk":
+        unsupported["activation"] = raw["activation"]
+    if unsupported:
+        raise UserError(f"{path}: this sparsify coder uses {unsupported}; only plain TopK autoencoders (no "
+                        f"transcoder, skip connection or groupmax) are readable")
+    t = load_file(str(path / "sae.safetensors"))
+    need = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
+    if any(k not in t for k in need):
+        raise UserError(f"{path / 'sae.safetensors'}: expected tensors {need}, got {sorted(t)}")
+    n, d = t["encoder.weight"].shape
+    if "d_in" in raw and int(raw["d_in"]) != d or t["W_dec"].shape != (n, d) or t["b_dec"].shape != (d,) \
+            or t["encoder.bias"].shape != (n,) or not 0 < int(raw.get("k", 0)) <= n:
+        raise UserError(f"{path}: inconsistent sparsify coder (d_in={raw.get('d_in')}, k={raw.get('k')}, encoder "
+                        f"{tuple(t['encoder.weight'].shape)}, W_dec {tuple(t['W_dec'].shape)})")
+    sae = SAE(SAEConfig(d_in=d, n_latents=n, k=int(raw["k"]), architecture="topk", normalize="none",
+                        hook_name=hook_from_sparsify(path.name)))
+    with torch.no_grad():
+        sae.W_enc.copy_(t["encoder.weight"].float())
+        sae.b_enc.copy_(t["encoder.bias"].float())
+        sae.W_dec.copy_(t["W_dec"].float())
+        sae.b_dec.copy_(t["b_dec"].float())
+    return sae.eval()
+
+
+def _load_saelens(path: Path) -> SAE:
     raw = _read_cfg(path)
     t = load_file(str(path / "sae_weights.safetensors"))
     for key in ("W_enc", "b_enc", "W_dec", "b_dec"):
@@ -103,12 +195,13 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> SAE:
         sae.norm_scale.fill_(s)
         if "threshold" in t:
             sae.threshold.copy_(t["threshold"].float())
-    return sae.to(device).eval()
+    return sae
 
 
 def export_sparsify(sae: SAE, out_dir: str | Path) -> Path:
     """EleutherAI sparsify layout: `cfg.json` + `sae.safetensors` (encoder.weight [n, d], encoder.bias, W_dec
-    [n, d], b_dec), raw space (scale folded in; decoder rows then have norm 1/s, so normalize_decoder=false)."""
+    [n, d], b_dec), raw space (scale folded in; decoder rows then have norm 1/s, so normalize_decoder=false).
+    Name the folder `sparsify_hookpoint(sae.cfg.hook_name)` (e.g. run/layers.10) so readers know the point."""
     if sae.cfg.architecture != "topk" or sae.cfg.normalize == "token":
         raise UserError("sparsify export needs a topk SAE without per-token normalisation "
                         f"(this one: {sae.cfg.architecture}, normalize={sae.cfg.normalize})")
@@ -118,9 +211,10 @@ def export_sparsify(sae: SAE, out_dir: str | Path) -> Path:
                "b_dec": w["b_dec"]}
     c = sae.cfg
     atomic_write_bytes(out / "sae.safetensors", st_save(tensors))
-    atomic_write_json(out / "cfg.json", {"expansion_factor": max(1, c.n_latents // c.d_in), "normalize_decoder": False,
-                                         "num_latents": c.n_latents, "k": c.k, "multi_topk": False,
-                                         "skip_connection": False, "transcode": False, "d_in": c.d_in})
+    atomic_write_json(out / "cfg.json", {"activation": "topk", "expansion_factor": max(1, c.n_latents // c.d_in),
+                                         "normalize_decoder": False, "num_latents": c.n_latents, "k": c.k,
+                                         "multi_topk": False, "skip_connection": False, "transcode": False,
+                                         "d_in": c.d_in})
     return out
 
 

@@ -118,11 +118,13 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
 
     # ---- init / checkpoint ---------------------------------------------------------------------------
-    def init_weights(self) -> None:
-        """Scale and b_dec from one sample, identical on every rank (same rows), then broadcast for safety."""
-        rows = min(self.cfg.init_rows, self.source.num_rows("train"))
-        sample = next(iter(self.source.batches(rows, split="train", seed=self.cfg.seed + 1, loop=False,
-                                              point=self.cfg.point or None)))
+    def init_weights(self, sample: torch.Tensor | None = None) -> None:
+        """Scale and b_dec from one sample (default: drawn from the source), identical on every rank (same rows),
+        then broadcast for safety."""
+        if sample is None:
+            rows = min(self.cfg.init_rows, self.source.num_rows("train"))
+            sample = next(iter(self.source.batches(rows, split="train", seed=self.cfg.seed + 1, loop=False,
+                                                  point=self.cfg.point or None)))
         init_from_sample(self.sae, sample, self.cfg.b_dec_init)
         dist.broadcast_module(self.sae)
         if self.ema is not None:
@@ -134,22 +136,23 @@ class Trainer:
                 "tokens_since_fired": self.tokens_since_fired.cpu(), "window_counts": self.window_counts.cpu(),
                 "window_tokens": self.window_tokens, "ema": self.ema, "rng": torch.get_rng_state()}
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, path: Path | None = None) -> None:
         if self.info.is_main:
             buf = io.BytesIO()
             torch.save(self.state(), buf)
-            atomic_write_bytes(self.ckpt_path, buf.getvalue())
+            atomic_write_bytes(path or self.ckpt_path, buf.getvalue())
         dist.barrier()
 
-    def load_checkpoint(self) -> bool:
-        if not self.ckpt_path.is_file():
+    def load_checkpoint(self, path: Path | None = None) -> bool:
+        path = path or self.ckpt_path
+        if not path.is_file():
             return False
         try:
-            st = torch.load(self.ckpt_path, map_location=self.info.device, weights_only=True)
+            st = torch.load(path, map_location=self.info.device, weights_only=True)
         except Exception as e:  # noqa: BLE001
-            raise UserError(f"{self.ckpt_path}: unreadable checkpoint ({e})") from e
+            raise UserError(f"{path}: unreadable checkpoint ({e})") from e
         if SAEConfig.from_dict(st["sae_cfg"]) != self.sae.cfg:
-            raise UserError(f"{self.ckpt_path}: checkpoint SAE config {st['sae_cfg']} differs from the flags given")
+            raise UserError(f"{path}: checkpoint SAE config {st['sae_cfg']} differs from the flags given")
         self.sae.load_state_dict(st["sae"])
         self.opt.load_state_dict(st["optimizer"])
         self.sched.load_state_dict(st["scheduler"])
@@ -259,12 +262,7 @@ class Trainer:
                 metrics = as_floats(step_stats)
                 self.dead_bound.refresh(self.tokens_since_fired)
                 dt = time.perf_counter() - t0
-                use = usage(self.window_counts, self.window_tokens)
-                metrics.update(step=self.step, lr=self.sched.get_last_lr()[0], dense=use.dense_fraction,
-                               unfired_window=use.dead_fraction,
-                               tokens_per_s=(self.step - tok0) * cfg.batch_size / max(dt, 1e-9))
-                self.window_counts.zero_()
-                self.window_tokens = 0
+                metrics.update(self.end_window(), tokens_per_s=(self.step - tok0) * cfg.batch_size / max(dt, 1e-9))
             if val_now:  # on its own schedule, not only on steps that are also logging steps
                 if not log_now:
                     metrics = as_floats(step_stats)
@@ -289,6 +287,14 @@ class Trainer:
             save_sae(final, self.out / "sae", extra={"train_steps": self.step, "train_tokens": self.step * cfg.batch_size})
         dist.barrier()
         return TrainResult(final, self.step, metrics, self.out)
+
+    def end_window(self) -> dict[str, float]:
+        """step, lr and the dense / never-fired fractions of the logging window, which then starts afresh."""
+        use = usage(self.window_counts, self.window_tokens)
+        self.window_counts.zero_()
+        self.window_tokens = 0
+        return {"step": self.step, "lr": self.sched.get_last_lr()[0], "dense": use.dense_fraction,
+                "unfired_window": use.dead_fraction}
 
     def _stopped(self, metrics: dict[str, float]) -> TrainResult:
         """After a signal: checkpoint (unless this step just wrote one) and say where the run stands."""

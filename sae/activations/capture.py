@@ -17,40 +17,45 @@ a rerun with another model, capture point or setting is refused (or wiped with -
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
 
 from llama.checkpoint import resolve_model
-from llama.cli import UserError, atomic_write_json, config_to_dict, progress_bar, save_config
+from llama.cli import UserError, atomic_write_json, progress_bar, save_config
 from sae.activations import store_format as fmt
 from sae.activations.inputs import count_documents, expand_inputs, file_fingerprint, iter_documents
-from sae.activations.packing import PackSpec, plan_batches, prefetch
+from sae.activations.packing import Batch, PackSpec, plan_batches, prefetch
 from sae.activations.store_writer import BackgroundWriter, ShardRows, ShardWriter, write_manifest
 
 DEFAULT_MODEL = "weights/tiny"
+C = TypeVar("C", bound="ContextConfig")
 
 
 @dataclass
-class CaptureConfig:
+class ContextConfig:
+    """Where the model's residual stream comes from: model, documents, contexts, forward batches, the held-out
+    split. Shared by the capture job (CaptureConfig) and store-free SAE training (sae.multi.StreamTrainConfig)."""
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "model folder (Meta or HF layout), .gguf file, or "
                                                                 "a name: smollm2"})
     inputs: list[str] = field(default_factory=list, metadata={
         "help": ".txt/.jsonl/.parquet files, folders or globs (default: <model>/heldout.txt)"})
-    out: str = field(default="", metadata={"help": "store folder (default: out/activations/<model name>)"})
     points: list[str] = field(default_factory=list, metadata={
         "help": "capture points, e.g. blocks.10.hook_resid_post (default: resid_post at ~2/3 depth)"})
     mode: str = field(default="sentences", metadata={"choices": ["sentences", "windows"],
                                                     "help": "contexts: sentences or fixed token windows"})
     ctx_len: int = field(default=64, metadata={"help": "max tokens per context (window length), BOS included"})
     bos: bool = field(default=True, metadata={"help": "prepend BOS to every context"})
-    keep_bos: bool = field(default=False, metadata={"help": "also store the BOS position (an outlier norm)"})
+    keep_bos: bool = field(default=False, metadata={"help": "also keep the attention-sink rows (position 0 and "
+                                                            "BOS/EOS tokens: outlier norms)"})
     txt_docs: str = field(default="lines", metadata={"choices": ["lines", "file"],
                                                     "help": ".txt: one document per line, or per file"})
     text_field: str = field(default="text", metadata={"help": ".jsonl/.parquet text field"})
@@ -59,17 +64,22 @@ class CaptureConfig:
     max_batch: int = field(default=256, metadata={"help": "max contexts per forward batch"})
     pack_contexts: int = field(default=8192, metadata={"help": "contexts sorted together by length (at most "
                                                                "2^20 tokens of them)"})
-    shard_rows: int = field(default=16384, metadata={"help": "rows per shard"})
-    queue_size: int = field(default=8, metadata={"help": "batches the writer queue holds"})
     prefetch: int = field(default=-1, metadata={"help": "batches tokenized ahead on a loader thread (-1: 4 on cuda "
                                                         "or when torch leaves a core free, else 0: it would contend)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:1 ... (auto: cuda if available)"})
     dtype: str = field(default="auto", metadata={"choices": ["auto", "float32", "bfloat16", "float16"],
                                                 "help": "model compute dtype (auto: bf16 on cuda, fp32 on cpu)"})
-    val_fraction: float = field(default=0.05, metadata={"help": "share of documents held out as the store's validation "
+    val_fraction: float = field(default=0.05, metadata={"help": "share of documents held out as the validation "
                                                                 "split (SAE validation, evaluation FVU)"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a store of another model/point/setting"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+
+@dataclass
+class CaptureConfig(ContextConfig):
+    out: str = field(default="", metadata={"help": "store folder (default: out/activations/<model name>)"})
+    shard_rows: int = field(default=16384, metadata={"help": "rows per shard"})
+    queue_size: int = field(default=8, metadata={"help": "batches the writer queue holds"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a store of another model/point/setting"})
 
 
 # settings that change which rows (or which values) the store holds: a resume must match them all
@@ -78,8 +88,8 @@ ROW_SETTINGS = ("mode", "ctx_len", "bos", "keep_bos", "txt_docs", "text_field", 
 DEFAULTS_OF_OLDER_STORES = {"val_fraction": 0.05}  # settings that stores written before them implicitly had
 
 
-def resolve(cfg: CaptureConfig) -> CaptureConfig:
-    """Fill the defaults that depend on other fields (inputs, out, device, dtype)."""
+def resolve_context(cfg: C) -> C:
+    """Fill the context defaults that depend on other fields (model path, inputs, device, dtype, prefetch)."""
     model = resolve_model(cfg.model)  # a path (weights/tiny from any folder), or a name such as smollm2
     if not model.exists():
         hint = " (the embedded tiny model ships in weights/tiny)" if cfg.model == DEFAULT_MODEL else ""
@@ -87,10 +97,9 @@ def resolve(cfg: CaptureConfig) -> CaptureConfig:
     if not cfg.inputs and model.is_file():
         raise UserError(f"--inputs: give the text to capture (--model {cfg.model} is a file, with no heldout.txt)")
     inputs = list(cfg.inputs) or [str(model / "heldout.txt")]
-    out = cfg.out or str(Path("out") / "activations" / (model.stem if model.is_file() else model.resolve().name))
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
-    for name in ("ctx_len", "batch_tokens", "max_batch", "pack_contexts", "shard_rows", "queue_size"):
+    for name in ("ctx_len", "batch_tokens", "max_batch", "pack_contexts"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if not 0.0 <= cfg.val_fraction < 1.0:
@@ -101,8 +110,62 @@ def resolve(cfg: CaptureConfig) -> CaptureConfig:
         raise UserError(f"--batch-tokens ({cfg.batch_tokens}) must hold one context (--ctx-len {cfg.ctx_len})")
     spare_core = torch.get_num_threads() < (os.cpu_count() or 1)  # else a loader thread only contends with torch
     prefetch = cfg.prefetch if cfg.prefetch >= 0 else (4 if device.startswith("cuda") or spare_core else 0)
-    return CaptureConfig(**{**config_to_dict(cfg), "model": str(model), "inputs": inputs, "out": out,
-                            "device": device, "dtype": dtype, "prefetch": prefetch})
+    return dataclasses.replace(cfg, model=str(model), inputs=inputs, device=device, dtype=dtype, prefetch=prefetch)
+
+
+def resolve(cfg: CaptureConfig) -> CaptureConfig:
+    """Fill the defaults that depend on other fields (inputs, out, device, dtype)."""
+    cfg = resolve_context(cfg)
+    for name in ("shard_rows", "queue_size"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    model = Path(cfg.model)
+    out = cfg.out or str(Path("out") / "activations" / (model.stem if model.is_file() else model.resolve().name))
+    return dataclasses.replace(cfg, out=out)
+
+
+def load_model_and_tokenizer(cfg: ContextConfig, device: torch.device, model=None, tok=None) -> tuple:
+    """The model (in cfg.dtype, eval mode) and tokenizer of a resolved config; given ones are used as they are."""
+    if model is None or tok is None:
+        import llama
+        if tok is None:
+            tok = llama.Tokenizer.from_file(cfg.model)
+        if model is None:
+            model = llama.load_model(cfg.model, device=device, dtype=getattr(torch, cfg.dtype))
+    return model.eval(), tok
+
+
+def resolve_points(points: list[str], model) -> list[str]:
+    """The requested capture points, checked against the model (default: resid_post at ~2/3 depth)."""
+    points = list(points) or [default_point(model.args.n_layers)]
+    check_points(points, model)
+    return points
+
+
+def pack_spec(cfg: ContextConfig) -> PackSpec:
+    return PackSpec(cfg.mode, cfg.ctx_len, cfg.bos, cfg.keep_bos, cfg.batch_tokens, cfg.max_batch, cfg.pack_contexts)
+
+
+def context_batches(cfg: ContextConfig, files: list[Path], tok, rank: int = 0, world: int = 1,
+                    keep: Callable[[int], bool] | None = None, pack_tokens: int = 0,
+                    shuffle: Sequence[int] | None = None) -> Iterator[Batch]:
+    """The rank's packed batches of the inputs (documents i % world == rank, filtered by `keep(doc_id)`), tokenized
+    ahead on a loader thread when cfg.prefetch > 0. pack_tokens > 0: length-sort at most that many tokens at once;
+    shuffle: seed words of plan_batches' random batch order (None: capture's order)."""
+    spec = pack_spec(cfg)
+    spec = spec._replace(pack_tokens=pack_tokens) if pack_tokens else spec
+    stream = plan_batches(iter_documents(files, cfg.txt_docs, cfg.text_field), tok, spec, rank, world,
+                          cfg.max_docs, keep, shuffle)
+    return prefetch(stream, cfg.prefetch) if cfg.prefetch else stream
+
+
+def forward_rows(model, batch: Batch, points: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """One forward as deep as the deepest point: each point's activations at the batch's rows, [n_rows, d_model]
+    in the model's dtype on `device`, in row order."""
+    with torch.inference_mode():
+        acts = model(batch.tokens.to(device), capture=points, stop_early=True).activations
+        mask = batch.mask.to(device)
+        return {p: acts[p][mask] for p in points}
 
 
 def checkpoint_hash(folder: Path, extra: list[Path] = (), full_below: int = 64 << 20) -> str:
@@ -202,15 +265,8 @@ def _capture(cfg: CaptureConfig, model, tok, rank: int, world: int, device: torc
     files = expand_inputs(cfg.inputs)
     n_docs, skipped = count_documents(files, cfg.txt_docs, cfg.text_field)
     n_docs = min(n_docs, cfg.max_docs) if cfg.max_docs else n_docs
-    if model is None or tok is None:
-        import llama
-        if tok is None:
-            tok = llama.Tokenizer.from_file(cfg.model)
-        if model is None:
-            model = llama.load_model(cfg.model, device=device, dtype=getattr(torch, cfg.dtype))
-    model.eval()
-    points = list(cfg.points) or [default_point(model.args.n_layers)]
-    check_points(points, model)
+    model, tok = load_model_and_tokenizer(cfg, device, model, tok)
+    points = resolve_points(cfg.points, model)
     out = Path(cfg.out)
     plan = {"format_version": fmt.FORMAT_VERSION, "model": str(Path(cfg.model).resolve()),
             "checkpoint_hash": checkpoint_hash(Path(cfg.model)), "points": points, "d_model": model.args.dim,
@@ -235,24 +291,19 @@ def _capture(cfg: CaptureConfig, model, tok, rank: int, world: int, device: torc
         stray.unlink(missing_ok=True)  # temp files of a killed run (never part of the store)
     writer = BackgroundWriter(ShardWriter(out, rank, points, model.args.dim, cfg.shard_rows, resume=done),
                               cfg.queue_size)
-    spec = PackSpec(cfg.mode, cfg.ctx_len, cfg.bos, cfg.keep_bos, cfg.batch_tokens, cfg.max_batch, cfg.pack_contexts)
-    docs = iter_documents(files, cfg.txt_docs, cfg.text_field)
     my_docs = len(range(rank, n_docs, world))
     bar = progress_bar(total=my_docs, unit="doc", disable=not cfg.progress or rank != 0, dynamic_ncols=True,
                bar_format="{l_bar}{bar}| {n:.0f}/{total} docs [{elapsed}<{remaining}, {rate_fmt}{postfix}]",
                desc=f"capture {','.join(points)}" + (f" (rank 0 of {world})" if world > 1 else ""))
     t0, rows_new = time.perf_counter(), 0
     try:
-        stream = plan_batches(docs, tok, spec, rank, world, cfg.max_docs)
-        for batch in (prefetch(stream, cfg.prefetch) if cfg.prefetch else stream):
+        for batch in context_batches(cfg, files, tok, rank, world):
             end = batch.row_start + batch.n_rows
             if batch.n_rows and end > resume_row:
                 drop = max(0, resume_row - batch.row_start)
-                with torch.inference_mode():
-                    acts = model(batch.tokens.to(device), capture=points, stop_early=True).activations
-                    mask = batch.mask.to(device)
-                    bits = {p: acts[p][mask][drop:].to(torch.bfloat16).cpu().view(torch.int16).numpy().view(np.uint16)
-                            for p in points}
+                acts = forward_rows(model, batch, points, device)
+                bits = {p: a[drop:].to(torch.bfloat16).cpu().view(torch.int16).numpy().view(np.uint16)
+                        for p, a in acts.items()}
                 writer.put(ShardRows(bits, batch.token_id[drop:], batch.doc_id[drop:], batch.ctx[drop:],
                                      batch.pos[drop:]))
                 rows_new += batch.n_rows - drop

@@ -10,14 +10,15 @@ contexts of similar length share a batch and little compute goes to padding. Eve
 of the inputs and the spec, so a rerun produces the same batches with the same row counts: that is what lets a
 resumed capture skip the batches whose rows are already on disk without running the model on them.
 
-Rows of a batch: every position t of context b with skip <= t < len(b), b-major, where skip = 1 when a BOS is
-prepended and not kept (the BOS activation's norm is an outlier); padding positions are never rows.
+Rows of a batch: every position t < len(b) of context b, b-major, except the attention sinks unless `keep_bos`:
+position 0 (BOS or not, the first token is where attention parks) and any BOS/EOS token; their residual norms
+are ~100x the median (measured on SmolLM2), so they stay out of SAE data. Padding positions are never rows.
 """
 from __future__ import annotations
 
 import queue
 import threading
-from typing import Iterable, Iterator, NamedTuple, TypeVar
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ class PackSpec(NamedTuple):
     mode: str = "sentences"  # "sentences" | "windows"
     ctx_len: int = 64  # max tokens per context, BOS included
     bos: bool = True
-    keep_bos: bool = False
+    keep_bos: bool = False  # keep the attention-sink rows (position 0, BOS/EOS tokens)
     batch_tokens: int = 4096  # padded tokens per batch (B * T_max)
     max_batch: int = 256
     pack_contexts: int = 8192  # contexts sorted together by length (more: less padding, more memory)
@@ -65,8 +66,10 @@ def make_contexts(text: str, tok, mode: str, ctx_len: int, bos: bool) -> list[li
     return out
 
 
-def _pack(items: list[tuple[int, int, list[int]]], spec: PackSpec) -> list[list[tuple[int, int, list[int]]]]:
-    order = sorted(range(len(items)), key=lambda i: (-len(items[i][2]), i))
+def _pack(items: list[tuple[int, int, list[int]]], spec: PackSpec,
+          tie: np.ndarray | None = None) -> list[list[tuple[int, int, list[int]]]]:
+    tie = np.arange(len(items)) if tie is None else tie  # among equal lengths: reading order, or a random one
+    order = sorted(range(len(items)), key=lambda i: (-len(items[i][2]), tie[i]))
     batches, cur = [], []
     for i in order:
         longest = len(items[cur[0]][2]) if cur else len(items[i][2])
@@ -79,7 +82,8 @@ def _pack(items: list[tuple[int, int, list[int]]], spec: PackSpec) -> list[list[
     return [[items[i] for i in b] for b in batches]
 
 
-def _to_batch(group: list[tuple[int, int, list[int]]], skip: int, row_start: int, docs_done: int) -> Batch:
+def _to_batch(group: list[tuple[int, int, list[int]]], skip: int, row_start: int, docs_done: int,
+              sinks: np.ndarray | None = None) -> Batch:
     lengths = np.array([len(ids) for _, _, ids in group])
     B, T = len(group), int(lengths.max())
     tokens = np.zeros((B, T), np.int64)
@@ -87,29 +91,57 @@ def _to_batch(group: list[tuple[int, int, list[int]]], skip: int, row_start: int
         tokens[b, :len(ids)] = ids
     t = np.arange(T)
     mask = (t[None, :] < lengths[:, None]) & (t[None, :] >= skip)  # row-major, like acts[mask] on [B, T, D]
-    per_ctx = lengths - skip
+    if sinks is not None and len(sinks):
+        mask &= ~np.isin(tokens, sinks)  # BOS/EOS tokens past position 0 are attention sinks too
+    per_ctx = mask.sum(1)
     return Batch(torch.from_numpy(tokens), torch.from_numpy(mask), tokens[mask].astype(np.int32),
                  np.repeat(np.array([d for d, _, _ in group], np.int64), per_ctx),
                  np.repeat(np.array([c for _, c, _ in group], np.int32), per_ctx),
                  np.broadcast_to(t, (B, T))[mask].astype(np.int32), row_start, docs_done)
 
 
+SINK_NAMES = ("<|begin_of_text|>", "<|end_of_text|>", "<|endoftext|>", "<s>", "</s>")
+
+
+def sink_token_ids(tokenizer) -> set[int]:
+    """Token ids that are attention sinks wherever they occur: the tokenizer's BOS / EOS ids and its
+    end-of-text-like specials (<|endoftext|> is SmolLM2's sink). Never training rows; never spliced (sae.evaluate)."""
+    specials = getattr(tokenizer, "special_tokens", None) or {}
+    ids = {getattr(tokenizer, "bos_id", -1), getattr(tokenizer, "eos_id", -1)}
+    ids |= {specials[name] for name in SINK_NAMES if name in specials}
+    return {int(i) for i in ids if i is not None and int(i) >= 0}
+
+
 def plan_batches(docs: Iterable[str], tok, spec: PackSpec, rank: int = 0, world_size: int = 1,
-                 max_docs: int = 0) -> Iterator[Batch]:
-    """The rank's batches, in order, with the running row offset. `docs` is the full document stream."""
-    skip = 1 if spec.bos and not spec.keep_bos else 0
+                 max_docs: int = 0, keep: Callable[[int], bool] | None = None,
+                 shuffle: Sequence[int] | None = None) -> Iterator[Batch]:
+    """The rank's batches, in order, with the running row offset. `docs` is the full document stream; `keep`
+    (doc_id -> bool) leaves documents out (a held-out split) without changing the ids of the others.
+    shuffle (seed words): the same batches of each chunk's contexts except that contexts of equal length are
+    packed in a seeded random order and the chunk's batches come out in a seeded random order (store-free
+    training mixes documents so); None: capture's order (longest first, ties in reading order)."""
+    skip = 0 if spec.keep_bos else 1
+    sinks = None if spec.keep_bos else np.array(sorted(sink_token_ids(tok)), np.int64)
     row, items, docs_in_chunk, buffered = 0, [], 0, 0
 
+    chunk = 0
+
     def flush() -> Iterator[Batch]:
-        nonlocal row, items, docs_in_chunk
-        groups = _pack(items, spec)
+        nonlocal row, items, docs_in_chunk, chunk
+        if shuffle is None:
+            groups = _pack(items, spec)
+        else:
+            rng = np.random.default_rng([*shuffle, chunk])
+            groups = _pack(items, spec, rng.permutation(len(items)))
+            groups = [groups[i] for i in rng.permutation(len(groups))]
+        chunk += 1
         total = sum(len(ids) - skip for _, _, ids in items)
         shown = 0.0
         for k, g in enumerate(groups):
             share = docs_in_chunk - shown if k == len(groups) - 1 else \
                 docs_in_chunk * sum(len(ids) - skip for _, _, ids in g) / total
             shown += share
-            b = _to_batch(g, skip, row, share)
+            b = _to_batch(g, skip, row, share, sinks)
             row += b.n_rows
             yield b
         items, docs_in_chunk = [], 0
@@ -117,7 +149,7 @@ def plan_batches(docs: Iterable[str], tok, spec: PackSpec, rank: int = 0, world_
     for doc_id, text in enumerate(docs):
         if max_docs and doc_id >= max_docs:
             break
-        if doc_id % world_size != rank:
+        if doc_id % world_size != rank or (keep is not None and not keep(doc_id)):
             continue
         docs_in_chunk += 1
         for c, ids in enumerate(make_contexts(text, tok, spec.mode, spec.ctx_len, spec.bos)):

@@ -45,6 +45,11 @@ def _doc_hash_unit(doc_id: np.ndarray, salt: int) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
+def is_val_document(doc_id: np.ndarray, val_fraction: float, salt: int = 0) -> np.ndarray:
+    """True for the documents of the validation split: the split of every store, and of store-free training."""
+    return _doc_hash_unit(np.asarray(doc_id), salt) < val_fraction
+
+
 class ActivationStore:
     def __init__(self, path: str | Path, val_fraction: float | None = None, split_salt: int = 0) -> None:
         self.path = Path(path)
@@ -124,7 +129,7 @@ class ActivationStore:
         if split not in self._split_rows:
             docs = np.concatenate([self._map("doc_id", si) for si in range(len(self.shards))]) if self.shards \
                 else np.empty(0, np.int64)
-            is_val = _doc_hash_unit(docs, self.split_salt) < self.val_fraction
+            is_val = is_val_document(docs, self.val_fraction, self.split_salt)
             self._split_rows["val"] = np.flatnonzero(is_val).astype(np.int64)
             self._split_rows["train"] = np.flatnonzero(~is_val).astype(np.int64)
         return self._split_rows[split]
