@@ -272,17 +272,26 @@ def _capture(cfg: CaptureConfig, model, tok, rank: int, world: int, device: torc
             "checkpoint_hash": checkpoint_hash(Path(cfg.model)), "points": points, "d_model": model.args.dim,
             "world_size": world, "sources": [file_fingerprint(f) for f in files],
             "config": {k: getattr(cfg, k) for k in ROW_SETTINGS}}
-    state = prepare_store(out, plan, cfg.overwrite, is_writer=rank == 0)
+    state, error = None, None
+    if rank == 0:  # rank 0 alone decides and writes the plan; the others learn the outcome (no half-made folder race)
+        try:
+            state = prepare_store(out, plan, cfg.overwrite, is_writer=True)
+        except UserError as e:
+            error = str(e)
+        if error is None and state != "complete":
+            (out / fmt.SHARD_DIR).mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out / fmt.CONFIG)
+            atomic_write_json(out / fmt.PLAN, plan)
+    if dist is not None:
+        box = [state, error]
+        dist.broadcast_object_list(box, src=0)
+        state, error = box
+    if error is not None:
+        raise UserError(error)
     if state == "complete":
         if rank == 0:
             print(f"{out} is already complete ({fmt.read_json(out / fmt.MANIFEST)['rows']} rows); nothing to do")
         return fmt.read_json(out / fmt.MANIFEST)
-    if rank == 0:
-        (out / fmt.SHARD_DIR).mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / fmt.CONFIG)
-        atomic_write_json(out / fmt.PLAN, plan)
-    if dist is not None:
-        dist.barrier()
 
     done = fmt.committed_shards(out, rank)
     resume_row = sum(s["rows"] for s in done)
