@@ -26,6 +26,7 @@ from llama.checkpoint_files import hf_to_meta, unpermute_rotate_half
 from llama.cli import UserError
 from llama.gguf_file import meta_to_gguf
 from llama.rope import rope_frequencies
+from tests._gguf_files import finish
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
@@ -119,10 +120,7 @@ def write_gguf(path: Path, *, tied: bool = False, arch: str = "llama", types: di
             w.add_tensor(name, gguf.quantize(x, qtype), raw_dtype=qtype)
     for name, x in (extra or {}).items():
         w.add_tensor(name, x)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     return path
 
 

@@ -20,6 +20,7 @@ from llama.cli import UserError
 from llama.gguf_metadata import read_gguf_metadata
 from llama.tokenizer import Tokenizer, _bytes_to_unicode
 from llama.tokenizer_gguf import GGUFTokenizer
+from tests._gguf_files import finish
 from tests._tokenizer_texts import VARIED_TEXTS
 from tests.test_top_contexts import _load_script
 
@@ -79,10 +80,7 @@ def write_gguf(path: Path, tokens: list[str], types: list[int] | None = None, me
     for key, v in ids.items():
         {"bos": w.add_bos_token_id, "eos": w.add_eos_token_id, "pad": w.add_pad_token_id,
          "add_bos": w.add_add_bos_token, "template": w.add_chat_template}[key](v)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     return path
 
 
