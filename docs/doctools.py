@@ -168,7 +168,8 @@ def same_output(got: str, want: str, options: dict[str, Any] | None = None) -> b
 
 
 def problems(path: Path, results: list[Result] | None = None) -> list[str]:
-    """Everything wrong with one guide: failing snippets, outputs that differ from the shown ones, bad links."""
+    """What is wrong with one guide's snippets: one that raised, an output that differs from the one shown, a
+    snippet that prints but shows nothing (`link_problems` checks the links)."""
     snippets = parse(path.read_text(encoding="utf-8"))
     results = run(path, snippets) if results is None else results
     found = []
@@ -187,7 +188,7 @@ def problems(path: Path, results: list[Result] | None = None) -> list[str]:
             found.append(f"{where}: the output differs from the one shown"
                          f"{' (beyond the approx tolerance)' if r.snippet.options.get('approx') else ''}:\n"
                          + "\n".join(diff))
-    return found + link_problems(path)
+    return found
 
 
 def _rel(path: Path) -> str:
@@ -367,8 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         results = update(guide) if a.command == "update" else run(guide)
         for r in results:
             print(f"{guide}:{r.snippet.line}: {r.seconds:.2f} s{'  RAISED' if r.error else ''}", file=sys.stderr)
-        found = problems(guide, results) if a.command == "check" else [f"{_rel(guide)}:{r.snippet.line}:\n{r.error}"
-                                                                      for r in results if r.error]
+        found = problems(guide, results) + link_problems(guide) if a.command == "check" else \
+            [f"{_rel(guide)}:{r.snippet.line}:\n{r.error}" for r in results if r.error]
         for msg in found:
             print(msg, file=sys.stderr)
         bad += len(found)
