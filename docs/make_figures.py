@@ -178,8 +178,9 @@ def sae_architectures() -> Path:
     plt = _plt()
     data = generate(SyntheticConfig(d=32, n_features=128, rows=20_000, avg_active=3, seed=0))
     source = TensorSource(data.x)
-    sweeps = {"topk": [{"k": k} for k in (1, 2, 3, 4, 6, 8)], "batchtopk": [{"k": k} for k in (1, 2, 3, 4, 6, 8)],
-              "relu": [{"l1_coef": c} for c in (0.3, 0.6, 1.0, 2.0, 3.0, 5.0)]}
+    ks = (1, 2, 3, 4, 6, 8, 12, 16, 24)
+    sweeps = {"topk": [{"k": k} for k in ks], "batchtopk": [{"k": k} for k in ks],
+              "relu": [{"l1_coef": c} for c in (0.3, 0.6, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0)]}
     results: dict[str, list[tuple[float, float, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for arch, runs in sweeps.items():
@@ -191,8 +192,8 @@ def sae_architectures() -> Path:
                 results.setdefault(arch, []).append((m["l0"], m["fvu"], recovery(data.features, trained.W_dec)))
                 print(f"{arch} {flags}: L0 {m['l0']:.2f} FVU {m['fvu']:.3f}", flush=True)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    style = {"topk": ("o-", "tab:blue", "TopK (k = 1..8)"), "batchtopk": ("s-", "tab:green", "BatchTopK (k = 1..8)"),
-             "relu": ("^-", "tab:red", "ReLU + L1 (λ = 5 .. 0.3)")}
+    style = {"topk": ("o-", "tab:blue", "TopK (k = 1 .. 24)"), "batchtopk": ("s-", "tab:green", "BatchTopK (k = 1 .. 24)"),
+             "relu": ("^-", "tab:red", "ReLU + L1 (λ = 12 .. 0.3)")}
     for arch, rows in results.items():
         rows.sort()
         marker, color, label = style[arch]
@@ -205,25 +206,30 @@ def sae_architectures() -> Path:
     ax1.set_ylabel("FVU (held out)")
     ax2.set_ylabel("feature recovery (mean best cosine)")
     ax1.set_ylim(0, 1.05)
-    ax1.legend(frameon=False)
+    for ax in (ax1, ax2):
+        ax.axvline(3, color="0.7", lw=0.8, ls=":")  # the data's own L0
+    ax1.text(3.1, 0.98, "the data: ~3 features per row", color="0.4", fontsize=7.5, va="top")
+    ax1.legend(frameon=False, loc="upper right", bbox_to_anchor=(1.0, 0.9))
     fig.suptitle("128 features in 32 dimensions, ~3 active per row; 128 latents, 400 steps of 256 rows each")
     return _save(fig, "sae_architectures")
 
 
 def auxk_dead() -> Path:
-    """Dead-latent fraction during training on the guide's SmolLM2 activations, with and without AuxK."""
+    """Dead-latent fraction during training, with and without AuxK: the guide's synthetic data, 8x more latents
+    than features, a latent dead after 5,120 tokens (20 steps) unfired."""
     import torch
     from sae import TensorSource, TrainConfig
+    from sae.synthetic import SyntheticConfig, generate
     from sae.train import Trainer
     torch.set_num_threads(1)
     plt = _plt()
-    x = guide("sae")["x"]  # the guide's ordinary rows of blocks.15.hook_resid_post
+    data = generate(SyntheticConfig(d=32, n_features=128, rows=40_000, avg_active=3, seed=0))
     curves: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, aux in (("with AuxK (weight 1/32)", 1 / 32), ("without AuxK", 0.0)):
-            cfg = TrainConfig(out=f"{tmp}/{aux}", n_latents=4608, k=16, steps=600, batch_size=256, aux_coef=aux,
+        for name, aux in (("with AuxK (weight 1/32)", 1 / 32), ("without AuxK (weight 0)", 0.0)):
+            cfg = TrainConfig(out=f"{tmp}/{aux}", n_latents=1024, k=3, steps=1000, batch_size=256, aux_coef=aux,
                               dead_tokens=5120, val_every=0, progress=False, seed=0)
-            trainer = Trainer(cfg, TensorSource(x))
+            trainer = Trainer(cfg, TensorSource(data.x))
             dead: list[float] = []
             trainer.run(lambda step, sae: dead.append(float((trainer.tokens_since_fired >= cfg.dead_tokens)
                                                             .float().mean())))
@@ -234,7 +240,7 @@ def auxk_dead() -> Path:
         ax.plot(range(1, len(dead) + 1), dead, color=color, label=name)
     ax.set_xlabel("training step (256 rows each)")
     ax.set_ylabel("fraction of latents dead")
-    ax.set_title(f"4608 latents, k = 16, on {x.shape[0]} SmolLM2 rows (layer 15); dead = unfired for 5120 tokens")
+    ax.set_title("1024 latents, k = 3, on 128 synthetic features in 32 dims; dead = unfired for 5,120 tokens")
     ax.legend(frameon=False)
     return _save(fig, "auxk_dead")
 
