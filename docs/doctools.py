@@ -112,26 +112,36 @@ def _options(lines: list[str], fence: int) -> dict[str, Any]:
 def run(path: Path, snippets: list[Snippet] | None = None, namespace: dict[str, Any] | None = None) -> list[Result]:
     """Run a guide's snippets in order in one namespace (a fresh one unless given), from the repository root.
     Stops at the first error (later snippets build on earlier ones). Tracebacks name the guide's own lines."""
+    import torch  # every guide uses it; its global state is restored after the guide
     snippets = parse(path.read_text(encoding="utf-8")) if snippets is None else snippets
     namespace = {"__name__": "__guide__"} if namespace is None else namespace
     results = []
-    with contextlib.chdir(ROOT):
-        for s in snippets:
-            buf = io.StringIO()
-            t0 = time.perf_counter()
-            error = None
-            try:
-                code = compile("\n" * s.line + s.code, str(path), "exec")  # line numbers = the guide's
-                with contextlib.redirect_stdout(buf):
-                    exec(code, namespace)
-            except BaseException as e:  # noqa: BLE001  (report any failure, SystemExit included)
-                if isinstance(e, KeyboardInterrupt):
-                    raise
-                error = traceback.format_exc()
-            results.append(Result(s, buf.getvalue(), error, time.perf_counter() - t0))
-            if error:
-                break
+    grad = torch.is_grad_enabled()
+    with contextlib.chdir(ROOT), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the same start whatever ran before
+        try:
+            _run_all(path, snippets, namespace, results)
+        finally:
+            torch.set_grad_enabled(grad)  # a guide may switch autograd off for all its snippets
     return results
+
+
+def _run_all(path: Path, snippets: list[Snippet], namespace: dict[str, Any], results: list[Result]) -> None:
+    for s in snippets:
+        buf = io.StringIO()
+        t0 = time.perf_counter()
+        error = None
+        try:
+            code = compile("\n" * s.line + s.code, str(path), "exec")  # line numbers = the guide's
+            with contextlib.redirect_stdout(buf):
+                exec(code, namespace)
+        except Exception:  # noqa: BLE001  (any failure of a snippet is reported)
+            error = traceback.format_exc()
+        except SystemExit:  # a snippet calling sys.exit() is a failure too, not the end of the test run
+            error = traceback.format_exc()
+        results.append(Result(s, buf.getvalue(), error, time.perf_counter() - t0))
+        if error:
+            break
 
 
 def execute(path: Path) -> dict[str, Any]:
