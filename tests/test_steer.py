@@ -415,3 +415,27 @@ def test_steer_script_shows_each_sides_latents_under_its_heading(tmp_path, capsy
     with pytest.raises(UserError, match=r"\[0, 64\)"):
         main(["--model", str(TINY), "--sae", str(tmp_path / "sae"), "--steer", "3:1", "64:3"])
     assert "steer latent" not in capsys.readouterr().out  # refused before any steer is announced
+
+
+@pytest.mark.parametrize("normalize", ["scalar", "none"])
+def test_attention_sink_rows_keep_x_exactly(normalize):
+    """Rows ~100x the typical norm (position 0 / BOS of a real model) are never spliced; the others are."""
+    sae = tiny_sae(normalize=normalize)
+    if normalize == "none":
+        sae.norm_scale.fill_(1.0)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 12, 32, generator=g) * (32 ** 0.5 / float(sae.norm_scale)) / 32 ** 0.5
+    x[0, 0] *= 100.0  # a sink at position 0 of row 0 and one mid-row, as <|endoftext|> would be
+    x[1, 7] *= 100.0
+    flat = x.reshape(-1, 32)
+    x_hat = ((dense_code(sae, flat) @ sae.W_dec + sae.b_dec) / sae.norm_scale).detach().reshape(x.shape)
+    for splice in (SAESplice(sae, error_term=False), SAESplice(sae, [Steer(3, 2.0)], error_term=False)):
+        out = splice(x)
+        assert torch.equal(out[0, 0], x[0, 0]) and torch.equal(out[1, 7], x[1, 7])
+        ordinary = torch.ones(2, 12, dtype=torch.bool)
+        ordinary[0, 0] = ordinary[1, 7] = False
+        if not splice.steers:
+            torch.testing.assert_close(out[ordinary], x_hat[ordinary], rtol=1e-5, atol=1e-5)
+        assert (out[ordinary] - x[ordinary]).norm() > 1e-3
+    everywhere = SAESplice(sae, error_term=False, spare_sinks=False)(x)
+    torch.testing.assert_close(everywhere, x_hat, rtol=1e-5, atol=1e-4)  # the switch turns the guard off

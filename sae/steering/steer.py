@@ -152,14 +152,34 @@ def top_active(acts: Tensor, idx: Tensor, r: int) -> ActiveLatents:
     return ActiveLatents(values, indices)
 
 
+SINK_NORM_RATIO = 10.0  # attention sinks sit ~100x the median residual norm (SmolLM2 layer 15); ordinary rows < ~3x
+
+
+def sink_rows(sae: Any, flat: Tensor) -> Tensor | None:
+    """[N] bool: rows the SAE never trained on, the attention sinks (position 0, BOS / <|endoftext|>), told by their
+    norm: above SINK_NORM_RATIO x the typical norm (sqrt(d) / s for a scalar-normalised SAE, else this call's median
+    row norm when it has >= 16 rows). None when there is nothing to compare with."""
+    norms = flat.float().norm(dim=-1)
+    if sae.cfg.normalize == "scalar" and float(sae.norm_scale) != 1.0:
+        typical = flat.shape[-1] ** 0.5 / float(sae.norm_scale)
+    elif flat.shape[0] >= 16:
+        typical = float(norms.median())
+    else:
+        return None
+    return norms > SINK_NORM_RATIO * typical
+
+
 class SAESplice:
-    """The `edit` function x [B, T, D] -> x' for the SAE's hook point (see the module docstring)."""
+    """The `edit` function x [B, T, D] -> x' for the SAE's hook point (see the module docstring).
+
+    spare_sinks (default): attention-sink rows (`sink_rows`) keep x exactly: the SAE never saw them in training, and
+    replacing one by its reconstruction (error_term=False) wrecks every later prediction."""
 
     def __init__(self, sae: Any, steers: Sequence[Steer] = (), *, error_term: bool = True,
-                 rows: Sequence[bool] | None = None, record: int = 0) -> None:
+                 rows: Sequence[bool] | None = None, record: int = 0, spare_sinks: bool = True) -> None:
         n_latents = sae.W_dec.shape[0]
         self.sae, self.steers = sae, [s.validate(n_latents) for s in steers]
-        self.error_term, self.record = error_term, record
+        self.error_term, self.record, self.spare_sinks = error_term, record, spare_sinks
         self.rows = None if rows is None else torch.tensor(list(rows), dtype=torch.bool)
         self.last: ActiveLatents | None = None  # filled when record > 0
 
@@ -192,6 +212,9 @@ class SAESplice:
         elif self.rows is not None:
             keep = self.rows.to(x.device)[:B].view(B, 1, 1)
             out = torch.where(keep, out, plain.to(x.dtype).reshape(B, T, D))
+        sinks = sink_rows(self.sae, flat) if self.spare_sinks else None
+        if sinks is not None:  # the attention sinks keep x exactly, in every row
+            out = torch.where(sinks.view(B, T, 1), x, out)
         return out
 
 
