@@ -11,7 +11,8 @@ of the inputs and the spec, so a rerun produces the same batches with the same r
 resumed capture skip the batches whose rows are already on disk without running the model on them.
 
 Rows of a batch: every position t of context b with skip <= t < len(b), b-major, where skip = 1 when a BOS is
-prepended and not kept (the BOS activation's norm is an outlier); padding positions are never rows.
+prepended and not kept (the BOS activation's norm is an outlier), or min_pos when larger (SmolLM2 makes a
+delimiter at position 1 a second sink); padding positions are never rows.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ class PackSpec(NamedTuple):
     max_batch: int = 256
     pack_contexts: int = 8192  # contexts sorted together by length (more: less padding, more memory)
     pack_tokens: int = 1 << 20  # ... or fewer, once they hold this many tokens (bounds memory for long windows)
+    min_pos: int = 0  # store only positions >= this (0: all but a dropped BOS): later attention sinks
 
 
 class Batch(NamedTuple):
@@ -97,7 +99,7 @@ def _to_batch(group: list[tuple[int, int, list[int]]], skip: int, row_start: int
 def plan_batches(docs: Iterable[str], tok, spec: PackSpec, rank: int = 0, world_size: int = 1,
                  max_docs: int = 0) -> Iterator[Batch]:
     """The rank's batches, in order, with the running row offset. `docs` is the full document stream."""
-    skip = 1 if spec.bos and not spec.keep_bos else 0
+    skip = max(1 if spec.bos and not spec.keep_bos else 0, spec.min_pos)
     row, items, docs_in_chunk, buffered = 0, [], 0, 0
 
     def flush() -> Iterator[Batch]:
