@@ -67,6 +67,10 @@ def activation_metrics(sae: SAE, source: Any, batch_size: int = 4096, max_tokens
                              "dead": int((counts == 0).sum())}}
 
 
+SINK_NORM = 10.0  # a position whose activation norm is above this x the median is an attention sink (ordinary
+#                   SmolLM2 layer-14 rows stay below 6x; its position-1 sinks are ~150x)
+
+
 def ordinary_positions(tokens: Tensor, sink_ids: Iterable[int] = ()) -> Tensor:
     """[B, T] bool: True except at position 0 and at sink tokens (where the SAE is never spliced)."""
     ids = torch.tensor(sorted(set(sink_ids)), dtype=tokens.dtype, device=tokens.device)
@@ -84,10 +88,12 @@ def _ce(logits: Tensor, tokens: Tensor, ordinary: Tensor) -> tuple[float, int]:
 
 @torch.no_grad()
 def lm_metrics(sae: SAE, model: torch.nn.Module, tokens: Tensor, batch_size: int = 8,
-               hook_name: str | None = None, progress: bool = False, sink_ids: Iterable[int] = ()) -> dict[str, float]:
+               hook_name: str | None = None, progress: bool = False, sink_ids: Iterable[int] = (),
+               sink_norm: float = SINK_NORM) -> dict[str, float]:
     """tokens [N, T]: CE clean, with the SAE's reconstruction spliced in, and with the activation zero- or
     mean-ablated (mean over these tokens' clean activations), plus CE-loss recovered and delta LM loss. Only
-    ordinary positions are edited and scored: never position 0 or a token in `sink_ids` (see the module doc)."""
+    ordinary positions are edited and scored: never position 0 or a token in `sink_ids` (see the module doc), nor
+    a position whose clean activation norm exceeds `sink_norm` x its batch's median (0: off; "sink_positions")."""
     hook = hook_name or sae.cfg.hook_name
     if hook not in model.valid_points():
         raise UserError(f"SAE hook {hook!r} is not a capture point of this model (valid: {model.valid_points()})")
@@ -110,9 +116,14 @@ def lm_metrics(sae: SAE, model: torch.nn.Module, tokens: Tensor, batch_size: int
         return lambda h: torch.where(ordinary[..., None], value.to(h.dtype), h)
 
     total = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "mean": 0.0}
-    count, act_sum, act_n = 0, None, 0
+    count, act_sum, act_n, n_sinks = 0, None, 0, 0
     for tb, ordinary in batches:  # pass 1: clean CE and the mean activation over ordinary positions
         out = model(tb, capture=[hook])
+        if sink_norm > 0 and bool(ordinary.any()):  # sinks by norm (SmolLM2: a delimiter at position 1 ...)
+            norms = out.activations[hook].float().norm(dim=-1)
+            sink = ordinary & (norms > sink_norm * norms[ordinary].median())
+            n_sinks += int(sink.sum())
+            ordinary &= ~sink  # in place: pass 2 leaves them clean too
         ce, m = _ce(out.logits, tb, ordinary)
         total["clean"] += ce
         count += m
@@ -129,7 +140,7 @@ def lm_metrics(sae: SAE, model: torch.nn.Module, tokens: Tensor, batch_size: int
     return {"ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero_ablation": ce["zero"], "ce_mean_ablation": ce["mean"],
             "ce_loss_recovered": ce_loss_recovered(ce["clean"], ce["sae"], ce["zero"]),
             "ce_loss_recovered_mean_ablation": ce_loss_recovered(ce["clean"], ce["sae"], ce["mean"]),
-            "delta_lm_loss": ce["sae"] - ce["clean"], "lm_tokens": count}
+            "delta_lm_loss": ce["sae"] - ce["clean"], "lm_tokens": count, "sink_positions": n_sinks}
 
 
 def tokenize_documents(tokenizer: Any, docs: Iterable[str], seq_len: int, max_seqs: int) -> Tensor:
@@ -171,6 +182,8 @@ class EvalConfig:
     seq_len: int = 128
     max_seqs: int = field(default=64, metadata={"help": "held-out sequences for the LM metrics"})
     lm_batch_size: int = 8
+    sink_norm: float = field(default=SINK_NORM, metadata={"help": "LM metrics leave positions whose activation norm "
+                                                                  "exceeds this x the median clean (0: off)"})
     act_batch_size: int = 4096
     max_tokens: int = field(default=MAX_TOKENS, metadata={"help": "held-out rows for L0/FVU/dead/dense: the store's "
                                                                   "whole validation split, up to this many"})
@@ -178,8 +191,9 @@ class EvalConfig:
     device: str = "cpu"
 
 
-def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
-    """Everything the config asks for -> OUT/eval.json, OUT/eval.txt (the table), OUT/eval_config.json."""
+def run_evaluation(cfg: EvalConfig, model: Any = None, tokenizer: Any = None) -> dict[str, Any]:
+    """Everything the config asks for -> OUT/eval.json, OUT/eval.txt (the table), OUT/eval_config.json.
+    `model` / `tokenizer`: already loaded ones of cfg.model (the demo's), else they are loaded in float32."""
     from sae.formats import load
     if not cfg.sae:
         raise UserError("--sae is required (an SAE folder)")
@@ -200,12 +214,13 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
         import llama
         from sae.activations.inputs import expand_inputs, iter_documents
         model_dir = str(llama.resolve_model(cfg.model or sae.cfg.model)) if (cfg.model or sae.cfg.model) else ""
-        if not model_dir or not Path(model_dir).exists():
+        if model is None and (not model_dir or not Path(model_dir).exists()):
             raise UserError(f"--model {model_dir!r}: no such model folder or file (needed for the LM metrics)")
-        model = llama.load_model(model_dir, device=cfg.device, dtype=torch.float32)
-        tok = llama.Tokenizer.from_file(model_dir)
+        model = model if model is not None else llama.load_model(model_dir, device=cfg.device, dtype=torch.float32)
+        tok = tokenizer if tokenizer is not None else llama.Tokenizer.from_file(model_dir)
         tokens = tokenize_documents(tok, iter_documents(expand_inputs(list(cfg.text))), cfg.seq_len, cfg.max_seqs)
-        metrics.update(lm_metrics(sae, model, tokens, cfg.lm_batch_size, sink_ids=sink_token_ids(tok)))
+        metrics.update(lm_metrics(sae, model, tokens, cfg.lm_batch_size, sink_ids=sink_token_ids(tok),
+                                  sink_norm=cfg.sink_norm))
     if not (cfg.store or cfg.text):
         raise UserError("nothing to evaluate: give --store (activation metrics) and/or --text (LM metrics)")
     out = Path(cfg.out or cfg.sae)

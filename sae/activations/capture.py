@@ -56,6 +56,10 @@ class ContextConfig:
     bos: bool = field(default=True, metadata={"help": "prepend BOS to every context"})
     keep_bos: bool = field(default=False, metadata={"help": "also keep the attention-sink rows (position 0 and "
                                                             "BOS/EOS tokens: outlier norms)"})
+    min_pos: int = field(default=0, metadata={"help": "drop positions below this in each context too (0/1: only "
+                                                      "position 0). 2 also drops position 1, which SmolLM2 turns "
+                                                      "into a second attention sink (~150x the median norm from "
+                                                      "layer ~10 on) when it holds a delimiter such as '.', '-', ':'"})
     txt_docs: str = field(default="lines", metadata={"choices": ["lines", "file"],
                                                     "help": ".txt: one document per line, or per file"})
     text_field: str = field(default="text", metadata={"help": ".jsonl/.parquet text field"})
@@ -70,7 +74,8 @@ class ContextConfig:
     dtype: str = field(default="auto", metadata={"choices": ["auto", "float32", "bfloat16", "float16"],
                                                 "help": "model compute dtype (auto: bf16 on cuda, fp32 on cpu)"})
     val_fraction: float = field(default=0.05, metadata={"help": "share of documents held out as the validation "
-                                                                "split (SAE validation, evaluation FVU)"})
+                                                                "split (SAE validation, evaluation FVU); 1: all of "
+                                                                "them (a store of evaluation text)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
 
@@ -84,8 +89,8 @@ class CaptureConfig(ContextConfig):
 
 # settings that change which rows (or which values) the store holds: a resume must match them all
 ROW_SETTINGS = ("mode", "ctx_len", "bos", "keep_bos", "txt_docs", "text_field", "max_docs", "batch_tokens",
-                "max_batch", "pack_contexts", "shard_rows", "dtype", "val_fraction")
-DEFAULTS_OF_OLDER_STORES = {"val_fraction": 0.05}  # settings that stores written before them implicitly had
+                "max_batch", "pack_contexts", "shard_rows", "dtype", "val_fraction", "min_pos")
+DEFAULTS_OF_OLDER_STORES = {"val_fraction": 0.05, "min_pos": 0}  # settings that older stores implicitly had
 
 
 def resolve_context(cfg: C) -> C:
@@ -102,8 +107,10 @@ def resolve_context(cfg: C) -> C:
     for name in ("ctx_len", "batch_tokens", "max_batch", "pack_contexts"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    if not 0.0 <= cfg.val_fraction < 1.0:
-        raise UserError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
+    if not 0.0 <= cfg.val_fraction <= 1.0:
+        raise UserError(f"--val-fraction must be in [0, 1], got {cfg.val_fraction}")
+    if not 0 <= cfg.min_pos < cfg.ctx_len:
+        raise UserError(f"--min-pos must be in [0, --ctx-len {cfg.ctx_len}), got {cfg.min_pos}")
     if cfg.ctx_len < 2 and cfg.bos:
         raise UserError("--ctx-len must be at least 2 when a BOS is prepended")
     if cfg.batch_tokens < cfg.ctx_len:
@@ -143,7 +150,8 @@ def resolve_points(points: list[str], model) -> list[str]:
 
 
 def pack_spec(cfg: ContextConfig) -> PackSpec:
-    return PackSpec(cfg.mode, cfg.ctx_len, cfg.bos, cfg.keep_bos, cfg.batch_tokens, cfg.max_batch, cfg.pack_contexts)
+    return PackSpec(cfg.mode, cfg.ctx_len, cfg.bos, cfg.keep_bos, cfg.batch_tokens, cfg.max_batch, cfg.pack_contexts,
+                    min_pos=cfg.min_pos)
 
 
 def context_batches(cfg: ContextConfig, files: list[Path], tok, rank: int = 0, world: int = 1,
@@ -329,6 +337,7 @@ def _capture(cfg: CaptureConfig, model, tok, rank: int, world: int, device: torc
     if rank != 0:
         return {}
     extra = {"documents": n_docs, "skipped": dict(skipped), "bos": cfg.bos, "keep_bos": cfg.keep_bos,
+             "min_pos": cfg.min_pos,
              "val_fraction": cfg.val_fraction,
              "mode": cfg.mode, "ctx_len": cfg.ctx_len}
     manifest = write_manifest(out, plan, world, extra)

@@ -13,6 +13,8 @@ resumed capture skip the batches whose rows are already on disk without running 
 Rows of a batch: every position t < len(b) of context b, b-major, except the attention sinks unless `keep_bos`:
 position 0 (BOS or not, the first token is where attention parks) and any BOS/EOS token; their residual norms
 are ~100x the median (measured on SmolLM2), so they stay out of SAE data. Padding positions are never rows.
+`min_pos` > 1 drops the first min_pos positions of every context (SmolLM2 turns a delimiter at position 1 into a
+second sink, ~150x the median norm).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ class PackSpec(NamedTuple):
     max_batch: int = 256
     pack_contexts: int = 8192  # contexts sorted together by length (more: less padding, more memory)
     pack_tokens: int = 1 << 20  # ... or fewer, once they hold this many tokens (bounds memory for long windows)
+    min_pos: int = 0  # also drop positions < this (2: SmolLM2's position-1 sinks)
 
 
 class Batch(NamedTuple):
@@ -120,7 +123,7 @@ def plan_batches(docs: Iterable[str], tok, spec: PackSpec, rank: int = 0, world_
     shuffle (seed words): the same batches of each chunk's contexts except that contexts of equal length are
     packed in a seeded random order and the chunk's batches come out in a seeded random order (store-free
     training mixes documents so); None: capture's order (longest first, ties in reading order)."""
-    skip = 0 if spec.keep_bos else 1
+    skip = max(0 if spec.keep_bos else 1, spec.min_pos)
     sinks = None if spec.keep_bos else np.array(sorted(sink_token_ids(tok)), np.int64)
     row, items, docs_in_chunk, buffered = 0, [], 0, 0
 

@@ -56,8 +56,8 @@ class ActivationStore:
         self.manifest: dict = fmt.read_json(self.path / fmt.MANIFEST)
         if val_fraction is None:  # the store's own split, chosen at capture (--val-fraction; older stores: 0.05)
             val_fraction = float(self.manifest.get("val_fraction", 0.05))
-        if not 0.0 <= val_fraction < 1.0:
-            raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if not 0.0 <= val_fraction <= 1.0:  # 1: every document is validation (a store of evaluation text)
+            raise UserError(f"val_fraction must be in [0, 1], got {val_fraction}")
         self.val_fraction, self.split_salt = val_fraction, split_salt
         self.points: list[str] = list(self.manifest["points"])
         self.d_model: int = int(self.manifest["d_model"])

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from llama.cli import UserError, atomic_write_json, progress_bar
 from sae.analysis.backends import (
     BACKENDS, AnthropicBackend, AnthropicBatchBackend, Backend, DryRunBackend, LlamaBackend, OpenAIBackend, Request,
@@ -37,12 +39,20 @@ class InterpretConfig:
     api_key_env: str = field(default="", metadata={"help": "env var holding the API key (default per backend)"})
     latents: list[int] = field(default_factory=list, metadata={"help": "latents to label (default: all with contexts)"})
     max_latents: int = field(default=0, metadata={"help": "label at most this many (0: no limit)"})
+    sample: int = field(default=0, metadata={"help": "label a seeded random sample of this many latents (0: off), drawn "
+                                                    "from those that fire on at most --max-freq of tokens with at "
+                                                    "least --n-explain + --n-detect-pos top contexts"})
+    max_freq: float = field(default=0.1, metadata={"help": "--sample: densest firing frequency drawn (0.1: not dense)"})
     n_explain: int = field(default=20, metadata={"help": "top contexts shown in the explanation prompt"})
     context_tokens: int = field(default=32, metadata={"help": "tokens of each context shown"})
     score: bool = field(default=True, metadata={"help": "compute the detection score of each label"})
     n_detect_pos: int = field(default=5, metadata={"help": "held-out activating contexts per detection prompt"})
     n_detect_neg: int = field(default=5, metadata={"help": "random non-activating contexts per detection prompt"})
     max_tokens: int = field(default=400, metadata={"help": "answer length limit"})
+    prompt: str = field(default="json", metadata={"choices": ["json", "simple"], "help": "json: the JSON explanation "
+                                                   "and detection prompts; simple (llama backend): a short question "
+                                                   "with its answer begun, detection by yes/no logits, for small "
+                                                   "models such as SmolLM2-135M (sae/analysis/interpret_small.py)"})
     temperature: float = 0.0
     timeout: float = field(default=60.0, metadata={"help": "seconds per HTTP attempt"})
     retries: int = field(default=5, metadata={"help": "retries on 429/5xx/timeouts (exponential backoff)"})
@@ -178,12 +188,24 @@ def _detect(tc: Any, backend: Backend, table: dict, todo: list[int], cfg: Interp
         table["latents"][str(lat)].update(detection_score=det.score, detection=det.as_dict())
 
 
+def sample_latents(tc: Any, n: int, min_contexts: int, max_freq: float = 0.1, seed: int = 0) -> list[int]:
+    """A seeded uniform sample of n latents (ascending) among those firing on at most max_freq of tokens with
+    at least min_contexts top contexts (all of them when fewer qualify): an unbiased view of label quality."""
+    filled = (np.asarray(tc.array("max_ctx")) >= 0).sum(1)
+    ok = np.flatnonzero((filled >= min(min_contexts, tc.n)) & (np.asarray(tc.array("freq")) <= max_freq))
+    pick = np.random.default_rng(seed).choice(len(ok), min(n, len(ok)), replace=False)
+    return sorted(int(ok[i]) for i in pick)
+
+
 def run_interpret(cfg: InterpretConfig, tc: Any, backend: Backend, out_dir: Path) -> dict:
     """Label (and score) every latent with contexts that the table does not have yet; returns the table."""
     path = out_dir / "labels.json"
     table = load_table(path)
     table.update(backend=backend.name, model=backend.model)
     has = [lat for lat in range(tc.n_latents) if tc.array("max_ctx")[lat, 0] >= 0]
+    if cfg.sample > 0 and not cfg.latents:
+        has = sample_latents(tc, cfg.sample, cfg.n_explain + (cfg.n_detect_pos if cfg.score else 0), cfg.max_freq,
+                             cfg.seed)
     wanted = [lat for lat in (cfg.latents or has) if 0 <= lat < tc.n_latents and tc.array("max_ctx")[lat, 0] >= 0]
     bad = [lat for lat in cfg.latents if not 0 <= lat < tc.n_latents]
     if bad:
@@ -192,22 +214,28 @@ def run_interpret(cfg: InterpretConfig, tc: Any, backend: Backend, out_dir: Path
     if cfg.max_latents > 0:
         todo = todo[:cfg.max_latents]
     dry = isinstance(backend, DryRunBackend)
+    explain, detect = _explain, _detect
+    if cfg.prompt == "simple":
+        if not isinstance(backend, LlamaBackend):
+            raise UserError(f"--prompt simple needs --backend llama (it reads the model's logits), not {backend.name}")
+        from sae.analysis.interpret_small import detect_into, explain_into
+        explain, detect = explain_into, detect_into
     unscored = [] if (dry or not cfg.score) else [lat for lat in wanted if str(lat) in table["latents"]
                                                   and table["latents"][str(lat)].get("detection_score") is None]
     bar = progress_bar(total=len(todo) + len(unscored), unit="latent", desc=f"interpret ({backend.name})",
                disable=not cfg.progress)
     for i in range(0, len(todo), cfg.save_every):
         chunk = todo[i:i + cfg.save_every]
-        _explain(tc, backend, table, chunk, cfg)
+        explain(tc, backend, table, chunk, cfg)
         if dry:
             table["errors"] = {}
         elif cfg.score:
-            _detect(tc, backend, table, [lat for lat in chunk if str(lat) in table["latents"]], cfg)
+            detect(tc, backend, table, [lat for lat in chunk if str(lat) in table["latents"]], cfg)
         if not dry:
             atomic_write_json(path, table)
         bar.update(len(chunk))
     for i in range(0, len(unscored), cfg.save_every):
-        _detect(tc, backend, table, unscored[i:i + cfg.save_every], cfg)
+        detect(tc, backend, table, unscored[i:i + cfg.save_every], cfg)
         atomic_write_json(path, table)
         bar.update(len(unscored[i:i + cfg.save_every]))
     bar.close()

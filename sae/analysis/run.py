@@ -29,7 +29,8 @@ def load_tokenizer(model_dir: str) -> Any:
         return None
 
 
-def run_top_contexts(cfg: TopContextsConfig) -> Path:
+def run_top_contexts(cfg: TopContextsConfig, model: Any = None, tokenizer: Any = None) -> Path:
+    """`model` / `tokenizer`: already loaded ones of the model the config names (the demo's), else loaded here."""
     import llama
     import sae as sae_pkg
     if not cfg.sae:
@@ -53,9 +54,9 @@ def run_top_contexts(cfg: TopContextsConfig) -> Path:
                             f"{sae_model.cfg.d_in}")
     elif not model_dir:
         raise UserError("--text needs --model (the model folder to run the text through)")
-    tokenizer = load_tokenizer(model_dir) if model_dir and Path(model_dir).exists() else None
-    model = None
-    if cfg.text or cfg.logit_lens:
+    if tokenizer is None:
+        tokenizer = load_tokenizer(model_dir) if model_dir and Path(model_dir).exists() else None
+    if (cfg.text or cfg.logit_lens) and model is None:
         if not model_dir or not Path(model_dir).exists():
             if cfg.text:
                 raise UserError(f"--model {model_dir!r}: model folder not found")

@@ -114,3 +114,26 @@ def measure_steering(model: Any, tokenizer: Any, sae: Any, prompts: Sequence[Seq
     return Effect(len(per_pair), tot["c"], tot["s"], hits["c"], hits["s"], topic["c"], topic["s"],
                   hits["c"] / max(1, tot["c"]), hits["s"] / max(1, tot["s"]), mean, d, wins, losses,
                   sign_test(wins, losses))
+
+
+def steering_check(model: Any, tokenizer: Any, sae: Any, docs: Sequence[str], strength: float, *,
+                   target: Target | None = None, n_prompts: int = 8, prompt_tokens: int = 8, seeds: int = 8,
+                   max_new_tokens: int = 24, progress: Any = None) -> dict:
+    """The measured check in one call, as the demo runs it: target = pick_target with the special tokens excluded
+    (unless given), prompts = the first `prompt_tokens` tokens (BOS included) of the first `n_prompts` documents,
+    every prompt sampled once per seed, steered and unsteered. Returns a JSON-ready dict: the target (ids and
+    text), the strength, the prompts and the Effect's fields."""
+    target = target or pick_target(model, sae, exclude=special_ids(tokenizer))
+    prompts = [tokenizer.encode(d, bos=True, eos=False)[:prompt_tokens] for d in docs[:n_prompts]]
+    if not prompts:
+        raise UserError("steering check: no documents to take prompts from")
+    eff = measure_steering(model, tokenizer, sae, prompts, target, strength, range(seeds), max_new_tokens,
+                           progress=progress)
+    return {"target": {**target._asdict(), "token_text": tokenizer.decode([target.token]),
+                       "topic_text": [tokenizer.decode([t]) for t in target.tokens]},
+            "strength": strength, "prompts": [tokenizer.decode(p) for p in prompts], **eff._asdict()}
+
+
+def special_ids(tokenizer: Any) -> set[int]:
+    """Ids a steering target must not be: BOS, the stop tokens and every special (control) token."""
+    return set(getattr(tokenizer, "special_tokens", {}).values()) | set(tokenizer.stop_tokens) | {tokenizer.bos_id}
