@@ -113,10 +113,11 @@ def topk(x: torch.Tensor, k: int) -> TopK:
     torch.topk's. Ties: the Triton path keeps the lowest indices among equal values (and orders them by index);
     torch.topk's choice among ties is unspecified, so indices may differ from it only where values tie. Both
     rank -0.0 equal to +0.0 and every NaN (whatever its sign bit) above +inf; the returned values are the
-    input's own (a -0.0 stays -0.0). The Triton path supports k <= 256; larger k uses torch.topk.
+    input's own (a -0.0 stays -0.0). The Triton path supports k <= 1024 (AuxK widths up to d/2 at d=2048);
+    larger k uses torch.topk. The env switch is read at every call.
     """
     reference.check_topk_args(x, k)
-    if k <= 256 and topk_backend(x) == "triton":
+    if topk_backend(x) == "triton" and k <= _triton_topk.MAX_K:
         return TopK(*_triton_topk.topk(x, k))
     return reference.topk(x, k)
 
