@@ -11,8 +11,9 @@ Passes, grid (B, cdiv(n, BLOCK_N)) unless said:
 1. chunk maxima: each run of C elements gives its max key and the lowest index holding it, one composite.
 2. threshold T[row] = the k-th largest chunk composite (bitonic top-K2 over n/C composites, merge stages).
    Proof it is safe: k distinct elements (the argmax of each of the top k chunks) are >= T, so every element
-   below T is outside the top k. And at most k*C elements are >= T (only the top k chunks hold any), so the
-   survivor buffer is [B, K2*C] with no overflow case, whatever the input (constant rows, AuxK's -inf rows).
+   below T is outside the top k. And at most (k-1)*C + 1 elements are >= T (only the top k chunks hold any, the
+   k-th only its max), so the survivor buffer is [B, K2*C] with no overflow case, whatever the input (constant
+   rows, AuxK's -inf rows).
 3. filter: re-read x, keep composite >= T (one 32-bit compare + a tie test), compact survivors with an atomic
    per-row counter and a block prefix sum (blocks with none skip the scan and the store).
 4. select: bitonic top-K2 over the survivors only (blocks past the row's count skip the network), then read
@@ -29,8 +30,8 @@ design ran a full bitonic top-K2 network on int64 keys per element (~225 int64 o
 instructions). Now: pass 1 ~10 32-bit ops (canonicalise + map ~6, max-with-index ~3), pass 2 ~225/C ~7 int64
 ops, pass 3 ~12 32-bit ops (+~5 for the scan and pack in blocks holding survivors), pass 4 ~225 * s/n (s ~ k
 survivors on random rows: ~0.1). About 30-35 ops, mostly 32-bit: roughly 6x fewer ops, 10x fewer instructions,
-for one extra read of x (x is read twice; torch.topk's radix select also makes several passes). Worst case (k*C
-survivors, e.g. sorted rows) pass 4 costs ~225 * k*C/n. `kernels.topk` keeps dispatching to torch.topk unless
+for one extra read of x (x is read twice; torch.topk's radix select also makes several passes). Worst case ((k-1)*C+1
+survivors: constant or sorted rows) pass 4 costs ~225 * k*C/n. `kernels.topk` keeps dispatching to torch.topk unless
 LLAMA_SAE_TOPK=triton until a GPU measures this faster: bench/kernels.py and bench/gpu.py time both.
 
 Import this module only through `kernels` (TRITON_INTERPRET=1 must be set before triton is imported).
@@ -94,7 +95,7 @@ def _filter_kernel(x_ptr, n, stride_x, thr_ptr, surv_ptr, stride_s, cnt_ptr, BLO
     if count > 0:
         base = tl.atomic_add(cnt_ptr + row, count)
         pos = base + tl.cumsum(keep.to(tl.int32), axis=0) - 1
-        keep = keep & (pos < stride_s)  # never taken (at most k*C survive): no write can leave the row
+        keep = keep & (pos < stride_s)  # never taken (<= (k-1)*C+1 survive): no write can leave the row
         tl.store(surv_ptr + row * stride_s + pos, _pack(key, offs), mask=keep)
 
 
@@ -167,7 +168,9 @@ def _select(src: torch.Tensor, counts: torch.Tensor | None, x: torch.Tensor, val
         cnt = counts if counts is not None else src
         if n_blocks == 1:
             size = max(triton.next_power_of_2(n_cur), K2)
-            _launch(_select_kernel, (B, 1), src, n_cur, src.stride(0), cnt, dst, dst.stride(0), x, x.stride(0),
+            stride_dst = 0 if out == 1 else dst.stride(0)  # [B, k] outputs use k itself (a [B, k] stride would
+            # let Triton specialise on k % 16 and recompile as k changes)
+            _launch(_select_kernel, (B, 1), src, n_cur, src.stride(0), cnt, dst, stride_dst, x, x.stride(0),
                     values, indices, k, BLOCK=size, K2=K2, FROM_X=from_x, HAS_CNT=counts is not None, OUT=out)
             return
         nxt = torch.empty(B, n_blocks * K2, dtype=torch.int64, device=src.device)
@@ -179,7 +182,7 @@ def _select(src: torch.Tensor, counts: torch.Tensor | None, x: torch.Tensor, val
 
 class Survivors(NamedTuple):
     keys: torch.Tensor    # [B, min(n, K2*C)] int64 composites; the first counts[b] of row b are valid, unordered
-    counts: torch.Tensor  # [B] int32: how many survived the threshold (k <= count <= k*C)
+    counts: torch.Tensor  # [B] int32: how many survived (k <= count <= (k-1)*C + 1)
     chunk: int            # C
 
 
@@ -200,7 +203,7 @@ def filter_rows(x: torch.Tensor, k: int, block_n: int | None = None, chunk: int 
     _launch(_chunk_max_kernel, (B, n_blocks), x, n, x.stride(0), maxima, maxima.stride(0), BLOCK_N=BLOCK_N, C=C)
     threshold = torch.empty(B, 1, dtype=torch.int64, device=x.device)
     _select(maxima, None, x, threshold, threshold, k, K2, block, out=2)
-    survivors = torch.empty(B, min(n, K2 * C), dtype=torch.int64, device=x.device)  # >= k*C: never overflows
+    survivors = torch.empty(B, min(n, K2 * C), dtype=torch.int64, device=x.device)  # > (k-1)*C: never overflows
     counts = torch.zeros(B, dtype=torch.int32, device=x.device)
     _launch(_filter_kernel, (B, n_blocks), x, n, x.stride(0), threshold, survivors, survivors.stride(0), counts,
             BLOCK_N=BLOCK_N)
