@@ -80,8 +80,11 @@ def backend(*tensors: torch.Tensor) -> str:
 
 def sparse_decode(top_acts: torch.Tensor, top_indices: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
     """out[b] = sum_j top_acts[b, j] * W_dec[top_indices[b, j]] -> [B, d] in W_dec's dtype, accumulated in fp32
-    on the Triton path. Differentiable in top_acts and W_dec. Indices must lie in [0, n) (not checked on GPU)."""
+    on the Triton path. Differentiable in top_acts and W_dec. Indices must lie in [0, n): checked only with
+    LLAMA_SAE_CHECK_INDICES=1 (asynchronously, no host sync: `reference.check_indices_async`)."""
     reference.check_decode_args(top_acts, top_indices, W_dec)
+    if _env_on("LLAMA_SAE_CHECK_INDICES"):
+        reference.check_indices_async(top_indices, W_dec.shape[0])
     if backend(top_acts, top_indices, W_dec) == "triton":
         return _triton_decode.sparse_decode(top_acts, top_indices, W_dec)
     return reference.sparse_decode(top_acts, top_indices, W_dec)
@@ -93,6 +96,8 @@ def decode_weight_grad(grad_out: torch.Tensor, top_acts: torch.Tensor, top_indic
     dtype; rows never selected are exactly zero. The W_dec gradient of sparse_decode, called directly (the
     encoder's weight gradient is the same op with grad_out = its input)."""
     reference.check_decode_args(top_acts, top_indices, grad_out)
+    if _env_on("LLAMA_SAE_CHECK_INDICES"):
+        reference.check_indices_async(top_indices, n_latents, "decode_weight_grad")
     if backend(grad_out, top_acts, top_indices) == "triton":
         return _triton_decode.decode_backward_w(grad_out.contiguous(), top_acts.contiguous(),
                                                 top_indices.contiguous(), n_latents, grad_out.dtype)

@@ -351,3 +351,12 @@ def test_topk_dispatch_is_decided_at_call_time(monkeypatch):
     monkeypatch.setenv("LLAMA_SAE_KERNELS", "reference")
     kernels.topk(x, 4)
     assert calls == [300]
+
+
+def test_index_range_check_stops_the_triton_path(monkeypatch):
+    acts, idx, W, grad = _decode_inputs(2, 4, 10, 48, torch.float32, seed=6)
+    idx[1, 3] = 10  # one past the last latent: the kernel would read outside W_dec
+    monkeypatch.setenv("LLAMA_SAE_CHECK_INDICES", "1")
+    assert kernels.backend(acts, idx, W) == "triton"
+    with pytest.raises(RuntimeError, match=r"must lie in \[0, n_latents=10\)"):
+        kernels.sparse_decode(acts, idx, W)
