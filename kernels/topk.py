@@ -11,12 +11,15 @@ Passes, grid (B, cdiv(n, BLOCK_N)) unless said:
 1. chunk maxima: each run of C elements gives its max key and the lowest index holding it, one composite.
 2. threshold T[row] = the k-th largest chunk composite (bitonic top-K2 over n/C composites, merge stages).
    Proof it is safe: k distinct elements (the argmax of each of the top k chunks) are >= T, so every element
-   below T is outside the top k. And at most (k-1)*C + 1 elements are >= T (only the top k chunks hold any, the
-   k-th only its max), so the survivor buffer is [B, K2*C] with no overflow case, whatever the input (constant
-   rows, AuxK's -inf rows).
-3. filter: re-read x, keep composite >= T (one 32-bit compare + a tie test), compact survivors with an atomic
-   per-row counter and a block prefix sum (blocks with none skip the scan and the store).
-4. select: bitonic top-K2 over the survivors only (blocks past the row's count skip the network), then read
+   below T is outside the top k; and only the top k chunks hold elements >= T.
+3. filter: re-read x; "strict" survivors (key > T's key: at most (k-1)*C of them, all in the top k-1 chunks) are
+   compacted with an atomic per-row counter and a block prefix sum (blocks with none skip the scan and store);
+   "ties" (T's key, index <= T's) are only counted per block.
+4. ties: only the first k ties by index can matter (they share one key), so the blocks holding them re-read x
+   and append those after the strict ones (blocks past the k-th tie skip). Constant rows, or AuxK's rows of
+   -inf with a few dead latents, keep k ties instead of up to k*C. Survivors <= (k-1)*C + k: the buffer is
+   [B, K2*(C+1)] with no overflow case, whatever the input.
+5. select: bitonic top-K2 over the survivors only (blocks past the row's count skip the network), then read
    the values back from x at the chosen indices (the input's own bits: -0.0 and NaN payloads survive).
 A row with n <= the merge block goes straight to one top-K2 (`direct`).
 
@@ -28,11 +31,13 @@ mirrors Triton's cache key per launch so tests can count that without a GPU).
 Cost on paper (n=65536, k=32, C=32; integer/compare ops per input element, not a speed claim): the previous
 design ran a full bitonic top-K2 network on int64 keys per element (~225 int64 ops, i.e. ~450 32-bit
 instructions). Now: pass 1 ~10 32-bit ops (canonicalise + map ~6, max-with-index ~3), pass 2 ~225/C ~7 int64
-ops, pass 3 ~12 32-bit ops (+~5 for the scan and pack in blocks holding survivors), pass 4 ~225 * s/n (s ~ k
-survivors on random rows: ~0.1). About 30-35 ops, mostly 32-bit: roughly 6x fewer ops, 10x fewer instructions,
-for one extra read of x (x is read twice; torch.topk's radix select also makes several passes). Worst case ((k-1)*C+1
-survivors: constant or sorted rows) pass 4 costs ~225 * k*C/n. `kernels.topk` keeps dispatching to torch.topk unless
-LLAMA_SAE_TOPK=triton until a GPU measures this faster: bench/kernels.py and bench/gpu.py time both.
+ops, pass 3 ~12 32-bit ops (+~5 for the scan and pack in blocks holding survivors), pass 4 ~0 (random rows
+have one tie: the threshold's own element), pass 5 ~225 * s/n (s ~ k survivors on random rows: ~0.1). About
+30-35 ops, mostly 32-bit: ~6x fewer ops, ~10x fewer instructions, for one more read of x (torch.topk's radix
+select also makes several passes). Worst case ((k-1)*C + 1 survivors, e.g. sorted rows) pass 5 costs
+~225 * k*C/n. Interpreter check at n=65536: k=32 keeps 32 survivors per row, k=1024 ~1170, AuxK rows (100
+dead, k=1000) 1100. `kernels.topk` keeps dispatching to torch.topk unless LLAMA_SAE_TOPK=triton until a GPU
+measures this faster: bench/kernels.py and bench/gpu.py time both.
 
 Import this module only through `kernels` (TRITON_INTERPRET=1 must be set before triton is imported).
 """
@@ -82,21 +87,53 @@ def _chunk_max_kernel(x_ptr, n, stride_x, out_ptr, stride_out, BLOCK_N: tl.const
 
 
 @triton.jit
-def _filter_kernel(x_ptr, n, stride_x, thr_ptr, surv_ptr, stride_s, cnt_ptr, BLOCK_N: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _threshold_split(x_ptr, n, stride_x, thr_ptr, row, offs):
+    """Keys of x[row, offs] and which are above the threshold composite t (strict) or tie with it (same key,
+    index <= t's): together, composite >= t."""
     mask = offs < n
     key = _ordered_key(tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32))
-    t = tl.load(thr_ptr + row)  # the k-th largest chunk composite (or the floor: every element survives)
+    t = tl.load(thr_ptr + row)  # the k-th largest chunk composite (or the floor: every element is strict)
     t_key = (t >> 32).to(tl.int32)
     t_index = 0xFFFFFFFF - (t & 0xFFFFFFFF)
-    keep = mask & ((key > t_key) | ((key == t_key) & (offs <= t_index)))  # composite >= t
-    count = tl.sum(keep.to(tl.int32), axis=0)
+    return key, mask & (key > t_key), mask & (key == t_key) & (offs <= t_index)
+
+
+@triton.jit
+def _filter_kernel(x_ptr, n, stride_x, thr_ptr, surv_ptr, stride_s, cnt_ptr, ties_ptr, stride_t,
+                   BLOCK_N: tl.constexpr):
+    """Appends the strict survivors (unordered, atomic counter cnt[row, 0]); counts the ties per block."""
+    row = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    offs = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    key, strict, tie = _threshold_split(x_ptr, n, stride_x, thr_ptr, row, offs)
+    tl.store(ties_ptr + row * stride_t + blk, tl.sum(tie.to(tl.int32), axis=0))
+    count = tl.sum(strict.to(tl.int32), axis=0)
     if count > 0:
-        base = tl.atomic_add(cnt_ptr + row, count)
-        pos = base + tl.cumsum(keep.to(tl.int32), axis=0) - 1
-        keep = keep & (pos < stride_s)  # never taken (<= (k-1)*C+1 survive): no write can leave the row
+        base = tl.atomic_add(cnt_ptr + row * 2, count)
+        pos = base + tl.cumsum(strict.to(tl.int32), axis=0) - 1
+        strict = strict & (pos < stride_s)  # never false (<= (k-1)*C strict): no write can leave the row
+        tl.store(surv_ptr + row * stride_s + pos, _pack(key, offs), mask=strict)
+
+
+@triton.jit(do_not_specialize=["k"])
+def _ties_kernel(x_ptr, n, stride_x, thr_ptr, surv_ptr, stride_s, cnt_ptr, ties_ptr, stride_t, k,
+                 BLOCK_N: tl.constexpr, NB: tl.constexpr):
+    """Appends the first k ties by index after the strict survivors (at most k are needed: they share one key,
+    so a tie with k ties before it loses to them). Blocks whose ties all come after the k-th skip the read."""
+    row = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    b = tl.arange(0, NB)
+    per_block = tl.load(ties_ptr + row * stride_t + b, mask=b <= blk, other=0)
+    before = tl.sum(tl.where(b < blk, per_block, 0), axis=0)
+    mine = tl.sum(tl.where(b == blk, per_block, 0), axis=0)
+    if (mine > 0) & (before < k):
+        offs = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        key, strict, tie = _threshold_split(x_ptr, n, stride_x, thr_ptr, row, offs)
+        rank = before + tl.cumsum(tie.to(tl.int32), axis=0) - 1  # among the row's ties, in index order
+        pos = tl.load(cnt_ptr + row * 2) + rank
+        keep = tie & (rank < k) & (pos < stride_s)
         tl.store(surv_ptr + row * stride_s + pos, _pack(key, offs), mask=keep)
+        tl.atomic_add(cnt_ptr + row * 2 + 1, tl.sum(keep.to(tl.int32), axis=0))
 
 
 @triton.jit(do_not_specialize=["k"])
@@ -110,8 +147,8 @@ def _select_kernel(src_ptr, n_src, stride_src, cnt_ptr, dst_ptr, stride_dst, x_p
     blk = tl.program_id(1)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     n_valid = n_src
-    if HAS_CNT:
-        n_valid = tl.minimum(tl.load(cnt_ptr + row), n_src)
+    if HAS_CNT:  # strict survivors + ties kept
+        n_valid = tl.minimum(tl.load(cnt_ptr + row * 2) + tl.load(cnt_ptr + row * 2 + 1), n_src)
     mask = offs < n_valid
     if blk * BLOCK < n_valid:
         if FROM_X:
@@ -181,8 +218,8 @@ def _select(src: torch.Tensor, counts: torch.Tensor | None, x: torch.Tensor, val
 
 
 class Survivors(NamedTuple):
-    keys: torch.Tensor    # [B, min(n, K2*C)] int64 composites; the first counts[b] of row b are valid, unordered
-    counts: torch.Tensor  # [B] int32: how many survived (k <= count <= (k-1)*C + 1)
+    keys: torch.Tensor    # [B, min(n, K2*(C+1))] int64 composites; the first counts[b].sum() are valid
+    counts: torch.Tensor  # [B, 2] int32: strict survivors (<= (k-1)*C), ties kept (<= k); k <= their sum
     chunk: int            # C
 
 
@@ -203,10 +240,12 @@ def filter_rows(x: torch.Tensor, k: int, block_n: int | None = None, chunk: int 
     _launch(_chunk_max_kernel, (B, n_blocks), x, n, x.stride(0), maxima, maxima.stride(0), BLOCK_N=BLOCK_N, C=C)
     threshold = torch.empty(B, 1, dtype=torch.int64, device=x.device)
     _select(maxima, None, x, threshold, threshold, k, K2, block, out=2)
-    survivors = torch.empty(B, min(n, K2 * C), dtype=torch.int64, device=x.device)  # > (k-1)*C: never overflows
-    counts = torch.zeros(B, dtype=torch.int32, device=x.device)
-    _launch(_filter_kernel, (B, n_blocks), x, n, x.stride(0), threshold, survivors, survivors.stride(0), counts,
-            BLOCK_N=BLOCK_N)
+    survivors = torch.empty(B, min(n, K2 * C + K2), dtype=torch.int64, device=x.device)  # never overflows
+    counts = torch.zeros(B, 2, dtype=torch.int32, device=x.device)  # strict survivors, ties kept
+    ties = torch.empty(B, n_blocks, dtype=torch.int32, device=x.device)  # ties per block
+    args = (x, n, x.stride(0), threshold, survivors, survivors.stride(0), counts, ties, ties.stride(0))
+    _launch(_filter_kernel, (B, n_blocks), *args, BLOCK_N=BLOCK_N)
+    _launch(_ties_kernel, (B, n_blocks), *args, k, BLOCK_N=BLOCK_N, NB=triton.next_power_of_2(n_blocks))
     return Survivors(survivors, counts, C)
 
 
