@@ -10,9 +10,10 @@ Backend per call (`kernels.backend(*tensors)` says which):
 - "triton" on CUDA tensors, and on CPU tensors when TRITON_INTERPRET=1 (tests).
 LLAMA_SAE_KERNELS=triton forces Triton and raises if it cannot run. Top-k is the exception: on the "triton" backend
 it still runs torch.topk unless LLAMA_SAE_TOPK=triton, until a GPU measures our kernel faster (bench/gpu.py times
-both; kernels/topk.py says why it is likely slower). TRITON_INTERPRET=1 only works if it is set
+both; kernels/topk.py gives its design and cost on paper). TRITON_INTERPRET=1 only works if it is set
 before triton is imported (triton's own library is built in that mode at import); kernels imports triton when
-kernels itself is imported. Importing prints nothing and works without triton.
+kernels itself is imported. Importing prints nothing and works without triton. LLAMA_SAE_CHECK_INDICES=1 range-checks
+decode indices without a host sync (off by default: a failed check on CUDA is a device-side assert).
 """
 from __future__ import annotations
 

@@ -106,8 +106,8 @@ def test_topk_filter_real_size_exact_ties(k, dtype):
 def test_topk_auxk_masked_rows_and_k_per_step_without_recompiles():
     """The AuxK call: pre with live latents masked to -inf, k_aux changing every step (513..1024: one K2
     bucket) on the real kernels' caches; a few dead latents (mostly -inf ties) and many dead ones."""
-    from kernels.topk import _chunk_max_kernel, _filter_kernel, _select_kernel
-    kernels_ = (_chunk_max_kernel, _filter_kernel, _select_kernel)
+    from kernels.topk import _chunk_max_kernel, _filter_kernel, _select_kernel, _ties_kernel
+    kernels_ = (_chunk_max_kernel, _filter_kernel, _ties_kernel, _select_kernel)
     dev = torch.cuda.current_device()
 
     def n_compiled() -> int:
