@@ -308,17 +308,23 @@ def capture(ctx: Ctx) -> dict:
 
 
 def topk(ctx: Ctx) -> dict:
-    """Our Triton top-k vs torch.topk on [B, n] (decides the default dispatch of kernels.topk)."""
+    """Our Triton top-k vs torch.topk on [B, n] (decides the default dispatch of kernels.topk): TopK's k, the
+    AuxK widths up to 1024, and an AuxK-shaped input (live latents masked to -inf, 100 dead)."""
     from kernels.topk import topk as triton_topk
-    B, n, ks = (2, 64, (4,)) if ctx.dry else (4096, 65536, (32, 128, 256))
+    B, n, ks = (2, 2048, (4,)) if ctx.dry else (4096, 65536, (32, 128, 256, 1024))  # dry: the filter path too
     rows = []
     for dtype in (torch.bfloat16, torch.float32) if ctx.cuda else (torch.float32,):
         x = torch.randn(B, n, device=ctx.device).to(dtype)
-        for k in ks:
-            t_ref = time_ms(ctx, lambda: torch.topk(x, k))
-            t_tri = time_ms(ctx, lambda: triton_topk(x, k))
-            rows.append({"dtype": str(dtype)[6:], "B": B, "n": n, "k": k, "torch_ms": round(t_ref, 3),
-                         "triton_ms": round(t_tri, 3), "triton_speedup": round(t_ref / t_tri, 2)})
+        dead = torch.zeros(n, dtype=torch.bool, device=ctx.device)
+        dead[torch.randperm(n, device=ctx.device)[:100]] = True
+        for what, inp, k_list in (("random", x, ks), ("auxk -inf masked", x.masked_fill(~dead, float("-inf")),
+                                                      ks[-1:])):
+            for k in k_list:
+                t_ref = time_ms(ctx, lambda: torch.topk(inp, k))
+                t_tri = time_ms(ctx, lambda: triton_topk(inp, k))
+                rows.append({"input": what, "dtype": str(dtype)[6:], "B": B, "n": n, "k": k,
+                             "torch_ms": round(t_ref, 3), "triton_ms": round(t_tri, 3),
+                             "triton_speedup": round(t_ref / t_tri, 2)})
     return {"rows": rows}
 
 

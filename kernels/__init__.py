@@ -10,9 +10,10 @@ Backend per call (`kernels.backend(*tensors)` says which):
 - "triton" on CUDA tensors, and on CPU tensors when TRITON_INTERPRET=1 (tests).
 LLAMA_SAE_KERNELS=triton forces Triton and raises if it cannot run. Top-k is the exception: on the "triton" backend
 it still runs torch.topk unless LLAMA_SAE_TOPK=triton, until a GPU measures our kernel faster (bench/gpu.py times
-both; kernels/topk.py says why it is likely slower). TRITON_INTERPRET=1 only works if it is set
+both; kernels/topk.py gives its design and cost on paper). TRITON_INTERPRET=1 only works if it is set
 before triton is imported (triton's own library is built in that mode at import); kernels imports triton when
-kernels itself is imported. Importing prints nothing and works without triton.
+kernels itself is imported. Importing prints nothing and works without triton. LLAMA_SAE_CHECK_INDICES=1 range-checks
+decode indices without a host sync (off by default: a failed check on CUDA is a device-side assert).
 """
 from __future__ import annotations
 
@@ -80,8 +81,11 @@ def backend(*tensors: torch.Tensor) -> str:
 
 def sparse_decode(top_acts: torch.Tensor, top_indices: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
     """out[b] = sum_j top_acts[b, j] * W_dec[top_indices[b, j]] -> [B, d] in W_dec's dtype, accumulated in fp32
-    on the Triton path. Differentiable in top_acts and W_dec. Indices must lie in [0, n) (not checked on GPU)."""
+    on the Triton path. Differentiable in top_acts and W_dec. Indices must lie in [0, n): checked only with
+    LLAMA_SAE_CHECK_INDICES=1 (asynchronously, no host sync: `reference.check_indices_async`)."""
     reference.check_decode_args(top_acts, top_indices, W_dec)
+    if _env_on("LLAMA_SAE_CHECK_INDICES"):
+        reference.check_indices_async(top_indices, W_dec.shape[0])
     if backend(top_acts, top_indices, W_dec) == "triton":
         return _triton_decode.sparse_decode(top_acts, top_indices, W_dec)
     return reference.sparse_decode(top_acts, top_indices, W_dec)
@@ -93,6 +97,8 @@ def decode_weight_grad(grad_out: torch.Tensor, top_acts: torch.Tensor, top_indic
     dtype; rows never selected are exactly zero. The W_dec gradient of sparse_decode, called directly (the
     encoder's weight gradient is the same op with grad_out = its input)."""
     reference.check_decode_args(top_acts, top_indices, grad_out)
+    if _env_on("LLAMA_SAE_CHECK_INDICES"):
+        reference.check_indices_async(top_indices, n_latents, "decode_weight_grad")
     if backend(grad_out, top_acts, top_indices) == "triton":
         return _triton_decode.decode_backward_w(grad_out.contiguous(), top_acts.contiguous(),
                                                 top_indices.contiguous(), n_latents, grad_out.dtype)
@@ -113,10 +119,11 @@ def topk(x: torch.Tensor, k: int) -> TopK:
     torch.topk's. Ties: the Triton path keeps the lowest indices among equal values (and orders them by index);
     torch.topk's choice among ties is unspecified, so indices may differ from it only where values tie. Both
     rank -0.0 equal to +0.0 and every NaN (whatever its sign bit) above +inf; the returned values are the
-    input's own (a -0.0 stays -0.0). The Triton path supports k <= 256; larger k uses torch.topk.
+    input's own (a -0.0 stays -0.0). The Triton path supports k <= 1024 (AuxK widths up to d/2 at d=2048);
+    larger k uses torch.topk. The env switch is read at every call.
     """
     reference.check_topk_args(x, k)
-    if k <= 256 and topk_backend(x) == "triton":
+    if topk_backend(x) == "triton" and k <= _triton_topk.MAX_K:
         return TopK(*_triton_topk.topk(x, k))
     return reference.topk(x, k)
 

@@ -45,6 +45,15 @@ def check_decode_args(top_acts: torch.Tensor, top_indices: torch.Tensor, W_dec: 
                          f"{top_indices.device}, {W_dec.device}")
 
 
+def check_indices_async(top_indices: torch.Tensor, n: int, what: str = "sparse_decode") -> None:
+    """Every index in [0, n), checked without a host sync (torch._assert_async): on CUDA a device-side assert
+    that fires when the stream reaches it (the CUDA context is then unusable: for debugging), on CPU a
+    RuntimeError at once. `kernels` calls it when LLAMA_SAE_CHECK_INDICES=1."""
+    if top_indices.numel():
+        ok = ((top_indices >= 0) & (top_indices < n)).all()
+        torch._assert_async(ok, f"{what}: top_indices must lie in [0, n_latents={n}) (LLAMA_SAE_CHECK_INDICES=1)")
+
+
 def check_topk_args(x: torch.Tensor, k: int) -> None:
     if x.dim() != 2:
         raise ValueError(f"topk: x must be [B, n], got shape {tuple(x.shape)}")

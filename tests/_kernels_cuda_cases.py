@@ -3,7 +3,9 @@
 Not collected by the normal suite: tests/test_kernels.py runs this file when CUDA is available (and reports a
 skip otherwise: a skip is not a pass), and bench/gpu.py runs it on the card. Sizes are the SAE's: B=4096,
 d=2048 (BLOCK_D 256, 8 d tiles), n=65536, k of 32, 33 and 100, the AuxK skew (one latent in every row),
-top-k with K2 = 128/256 through several merge stages, and one decode over more than 2^31 W_dec elements.
+top-k with K2 = 128/256 through several merge stages, and one decode over more than 2^31 W_dec elements. The
+threshold-filter top-k at B=4096, n=65536 for k = 32 and the AuxK widths (k_aux up to 1024, -inf masked rows,
+k changing per call with no new compile, constant rows).
 """
 from __future__ import annotations
 
@@ -72,7 +74,7 @@ def test_decode_weight_grad_deterministic_on_cuda():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("k", [5, 17, 32, 33, 100, 200])
+@pytest.mark.parametrize("k", [5, 17, 32, 33, 100, 200, 1024])
 def test_topk_real_size(k, dtype):
     x = torch.randn(4096, 65536, device=DEV, generator=torch.Generator(device=DEV).manual_seed(k)).to(dtype)
     values, indices = triton_topk(x, k)  # 65536 / 2048 = 32 blocks per row, then merge stages
@@ -80,6 +82,60 @@ def test_topk_real_size(k, dtype):
     assert torch.equal(values, ref.values)
     assert torch.equal(x.gather(1, indices), values)
     assert bool((indices.sort(dim=1).values.diff(dim=1) > 0).all())  # distinct
+
+
+def _stable_topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The Triton contract among ties: the lowest indices, ordered by index (a stable descending sort)."""
+    return torch.sort(x, dim=-1, descending=True, stable=True).indices[:, :k]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k", [32, 1024])
+def test_topk_filter_real_size_exact_ties(k, dtype):
+    """B=4096, n=65536 through the filter path: the indices equal a stable sort's (bf16 rows hold many ties)."""
+    from kernels.topk import filter_rows
+    x = torch.randn(4096, 65536, device=DEV, generator=torch.Generator(device=DEV).manual_seed(k)).to(dtype)
+    values, indices = triton_topk(x, k)
+    assert torch.equal(values, torch.topk(x, k).values)
+    assert torch.equal(indices, _stable_topk_indices(x, k))
+    keys, counts, C = filter_rows(x, k)
+    strict, ties = counts.T
+    assert bool((strict <= (k - 1) * C).all() and (ties <= k).all() and (strict + ties >= k).all())
+
+
+def test_topk_auxk_masked_rows_and_k_per_step_without_recompiles():
+    """The AuxK call: pre with live latents masked to -inf, k_aux changing every step (513..1024: one K2
+    bucket) on the real kernels' caches; a few dead latents (mostly -inf ties) and many dead ones."""
+    from kernels.topk import _chunk_max_kernel, _filter_kernel, _select_kernel, _ties_kernel
+    kernels_ = (_chunk_max_kernel, _filter_kernel, _ties_kernel, _select_kernel)
+    dev = torch.cuda.current_device()
+
+    def n_compiled() -> int:
+        return sum(len(kn.device_caches[dev][0]) for kn in kernels_)
+
+    g = torch.Generator(device=DEV).manual_seed(0)
+    pre = torch.randn(4096, 65536, device=DEV, generator=g)
+    for n_dead in (100, 40000):
+        dead = torch.zeros(65536, dtype=torch.bool, device=DEV)
+        dead[torch.randperm(65536, device=DEV, generator=g)[:n_dead]] = True
+        x = pre.masked_fill(~dead, float("-inf"))
+        triton_topk(x, 1024)  # warm: compiles the K2 = 1024 bucket
+        before = n_compiled()
+        for k_aux in (1024, 1000, 777, 513):
+            values, indices = triton_topk(x, k_aux)
+            assert torch.equal(values, torch.topk(x, k_aux).values)
+            assert torch.equal(indices, _stable_topk_indices(x, k_aux))
+        assert n_compiled() == before
+
+
+def test_topk_constant_rows_real_size():
+    """Every element ties: the most survivors the filter allows ((k-1)*C + 1 per row); lowest indices win."""
+    x = torch.zeros(4096, 65536, device=DEV)
+    x[::2] = -0.0
+    for k in (32, 1024):
+        values, indices = triton_topk(x, k)
+        assert torch.equal(indices, torch.arange(k, device=DEV).expand(4096, k))
+        assert torch.equal(torch.signbit(values), torch.signbit(x[:, :k]))
 
 
 def test_decode_beyond_2_pow_31_elements():

@@ -257,3 +257,107 @@ def test_topk_nan_and_signed_zero_rank_like_torch():
     ref = torch.topk(x, 7)
     torch.testing.assert_close(values, ref.values, equal_nan=True, rtol=0, atol=0)
     assert torch.equal(torch.signbit(values), torch.signbit(x.gather(1, indices)))  # -0.0 and NaN signs kept
+
+
+# ---- the threshold-filter top-k (issue 15 item 10): survivors, ties, NaN/-0.0, k changing per call ---------------
+from kernels.topk import SPECIALISATIONS, _select_kernel, filter_rows  # noqa: E402
+
+
+def _check_topk_contract(x: torch.Tensor, k: int, values: torch.Tensor, indices: torch.Tensor) -> None:
+    """The exact contract: torch.topk's values, and the lowest indices among ties ordered by index, i.e. a stable
+    descending sort (which, like torch.topk, ties -0.0 with +0.0 and puts every NaN above +inf)."""
+    want = torch.sort(x, dim=-1, descending=True, stable=True)
+    torch.testing.assert_close(values, torch.topk(x, k).values, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(indices, want.indices[:, :k])
+    assert torch.equal(values.view(torch.int32), x.gather(1, indices).view(torch.int32))  # the input's own bits
+
+
+# (B, n, k, block_n, chunk, merge_block): every case takes the filter path (n > merge_block); k of 5, 17, 33, 100
+# (K2 = 8, 32, 64, 128), k larger than a filter block (block_n 16), several merge stages for the threshold
+FILTER_CASES = [
+    (2, 1000, 5, 64, None, 16),
+    (2, 600, 17, 32, 4, 64),
+    (1, 700, 33, 16, 4, 128),    # k > block_n: a block holds fewer elements than k
+    (1, 900, 100, 64, 2, 256),
+    (1, 5000, 5, None, None, None),  # the default sizes (BLOCK_N 4096, C 32, merge block 1024)
+]
+
+
+@pytest.mark.parametrize("B,n,k,block_n,chunk,merge_block", FILTER_CASES)
+def test_topk_filter_path_matches_stable_sort(B, n, k, block_n, chunk, merge_block):
+    x = torch.randn(B, n, generator=torch.Generator().manual_seed(n + k)).to(DEVICE)
+    _check_topk_contract(x, k, *triton_topk(x, k, block_n, chunk, merge_block))
+    keys, counts, C = filter_rows(x, k, block_n, chunk, merge_block)
+    strict, ties = counts.T
+    assert bool((strict <= (k - 1) * C).all() and (ties <= k).all() and (strict + ties >= k).all()), counts
+    assert int((strict + ties).max()) <= 2 * k + 4, counts  # random rows: few survive the threshold
+
+
+def _special_rows(n: int, k: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    neg_nan = torch.tensor([0xFFC00001], dtype=torch.int64).to(torch.int32).view(torch.float32).item()
+    zeros = torch.zeros(n)
+    zeros[torch.rand(n, generator=g) < 0.5] = -0.0
+    aux = torch.full((n,), float("-inf"))  # AuxK: live latents masked to -inf, three dead ones left
+    aux[torch.randperm(n, generator=g)[:3]] = torch.randn(3, generator=g)
+    nan = torch.randn(n, generator=g)
+    nan[torch.randperm(n, generator=g)[:4]] = torch.tensor([float("nan"), neg_nan, float("nan"), neg_nan])
+    nan[7] = float("inf")
+    few = torch.randint(0, 3, (n,), generator=g).float()  # three values, heavy ties
+    return {"random": torch.randn(n, generator=g), "constant": torch.full((n,), 2.5), "signed zeros": zeros,
+            "auxk -inf": aux, "nan and inf": nan, "sorted ascending": torch.arange(n).float(), "three values": few}
+
+
+@pytest.mark.parametrize("k", [5, 17, 33])
+def test_topk_filter_special_rows(k):
+    """Rows where many elements survive (constant, all-equal, -inf with few finite, sorted) and few (random)."""
+    n, C = 640, 4
+    rows = _special_rows(n, k, torch.Generator().manual_seed(k))
+    x = torch.stack(list(rows.values())).to(DEVICE)
+    _check_topk_contract(x, k, *triton_topk(x, k, 32, C, 64))
+    counts = {name: tuple(c) for name, c in zip(rows, filter_rows(x, k, 32, C, 64).counts.tolist())}
+    assert all(s <= (k - 1) * C and t <= k and s + t >= k for s, t in counts.values()), counts
+    assert counts["sorted ascending"] == ((k - 1) * C, 1), counts  # the most survivors the bound allows
+    assert counts["constant"] == counts["signed zeros"] == (0, k), counts  # all ties: only the first k kept
+    assert counts["auxk -inf"] == (3, k) and sum(counts["random"]) < 2 * k, counts
+
+
+def test_topk_k_changes_without_a_new_compile():
+    """AuxK's width changes every step: k is a runtime argument (not specialised), K2 = next_pow2(k) the only
+    compile-time size, so k = 18..32 reuse k = 17's kernels; k = 33 (K2 64) is a new bucket."""
+    assert "k" in (getattr(_select_kernel, "do_not_specialize", None)
+                   or getattr(_select_kernel, "kwargs", {}).get("do_not_specialize"))
+    x = torch.randn(2, 700, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    args = (32, 4, 64)  # filter path at this size
+    SPECIALISATIONS.clear()  # a record of launches (Triton's own cache is untouched): start it from this test
+    _check_topk_contract(x, 17, *triton_topk(x, 17, *args))
+    before = len(SPECIALISATIONS)
+    for k in (18, 24, 31, 32, 20):
+        _check_topk_contract(x, k, *triton_topk(x, k, *args))
+    assert len(SPECIALISATIONS) == before > 0
+    _check_topk_contract(x, 33, *triton_topk(x, 33, *args))
+    assert len(SPECIALISATIONS) > before  # the counter does see a real change
+
+
+def test_topk_dispatch_is_decided_at_call_time(monkeypatch):
+    module = kernels._triton_topk  # (the attribute kernels.topk is the public function)
+    calls = []
+    real = module.topk
+    monkeypatch.setattr(module, "topk", lambda x, k: calls.append(k) or real(x, k))
+    monkeypatch.delenv("LLAMA_SAE_KERNELS", raising=False)
+    x = torch.randn(2, 1500, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    monkeypatch.delenv("LLAMA_SAE_TOPK", raising=False)
+    kernels.topk(x, 300)  # the default: torch.topk
+    monkeypatch.setenv("LLAMA_SAE_TOPK", "triton")
+    _check_topk_contract(x, 300, *kernels.topk(x, 300))  # k > 256 now has a Triton path (AuxK widths)
+    monkeypatch.setenv("LLAMA_SAE_KERNELS", "reference")
+    kernels.topk(x, 4)
+    assert calls == [300]
+
+
+def test_index_range_check_stops_the_triton_path(monkeypatch):
+    acts, idx, W, grad = _decode_inputs(2, 4, 10, 48, torch.float32, seed=6)
+    idx[1, 3] = 10  # one past the last latent: the kernel would read outside W_dec
+    monkeypatch.setenv("LLAMA_SAE_CHECK_INDICES", "1")
+    assert kernels.backend(acts, idx, W) == "triton"
+    with pytest.raises(RuntimeError, match=r"must lie in \[0, n_latents=10\)"):
+        kernels.sparse_decode(acts, idx, W)

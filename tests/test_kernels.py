@@ -161,3 +161,17 @@ def test_bench_dry_run():
     for name in ("decode fwd", "decode fwd+bwd", "topk"):
         assert re.search(rf"^{re.escape(name)}\s.*\btriton\b", r.stdout, re.M), r.stdout
     assert "correctness: all ok" in r.stdout, r.stdout
+
+
+def test_index_range_check_is_async_and_opt_in(monkeypatch):
+    """LLAMA_SAE_CHECK_INDICES=1: an index outside [0, n) raises (on CPU at once; on CUDA a device-side assert,
+    no host sync) naming the range, for sparse_decode and decode_weight_grad; valid indices pass."""
+    acts, idx, W, grad = _decode_inputs()
+    high, low = idx.clone(), idx.clone()
+    high[1, 2], low[0, 0] = W.shape[0], -1
+    monkeypatch.setenv("LLAMA_SAE_CHECK_INDICES", "1")
+    torch.testing.assert_close(kernels.sparse_decode(acts, idx, W), reference.sparse_decode_dense(acts, idx, W))
+    with pytest.raises(RuntimeError, match=r"sparse_decode: top_indices must lie in \[0, n_latents=24\)"):
+        kernels.sparse_decode(acts, high, W)
+    with pytest.raises(RuntimeError, match=r"decode_weight_grad: top_indices must lie in \[0, n_latents=24\)"):
+        kernels.decode_weight_grad(grad, acts, low, W.shape[0])
