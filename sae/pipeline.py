@@ -25,9 +25,10 @@ from llama.cli import UserError, config_to_dict, parse_config, save_config
 EVAL_DTYPE = "float32"  # evaluation, logit lens, labelling and steering (README "Real model": bf16 vs fp32)
 # Presets. real: measured on SmolLM2-135M (README "Real model"; `python bench/demo_sweep.py` reruns the sweep).
 TINY = dict(mode="sentences", ctx_len=64, dtype="auto", expansion=8, k=16, steps=1500, batch_size=1024,
-            dead_tokens=200_000, lm_seqs=64, label=0, label_tokens=0, steering="off")
+            dead_tokens=200_000, lm_seqs=64, label=0, label_tokens=0, steering="off", min_pos=0, lr=0.0)
 REAL = dict(mode="windows", ctx_len=128, dtype="bfloat16", point="blocks.14.hook_resid_post", expansion=8, k=32,
-            steps=600, batch_size=2048, dead_tokens=400_000, lm_seqs=64, label=48, label_tokens=96, steering="on")
+            steps=800, batch_size=2048, dead_tokens=400_000, lm_seqs=48, label=16, label_tokens=96, steering="on",
+            min_pos=2, lr=3e-3)
 
 
 @dataclass
@@ -45,6 +46,9 @@ class DemoConfig:
     ctx_len: int = field(default=0, metadata={"help": "tokens per context, BOS included (0: 64 tiny, 128 real)"})
     dtype: str = field(default="", metadata={"choices": ["", "auto", "float32", "bfloat16"],
                                              "help": "capture forward dtype (default: auto tiny, bfloat16 real)"})
+    min_pos: int = field(default=-1, metadata={"help": "store no position below this in a context (-1: preset: 0 "
+                                                       "tiny; 2 real, SmolLM2 makes a delimiter at position 1 a "
+                                                       "second attention sink)"})
     max_docs: int = field(default=0, metadata={"help": "capture at most this many documents of each file (0: all)"})
     val_fraction: float = field(default=0.25, metadata={"help": "one text (tiny, --text): documents held out for "
                                                                 "validation and the FVU (the tiny text is small: a "
@@ -53,6 +57,8 @@ class DemoConfig:
     k: int = field(default=0, metadata={"help": "active latents per token (0: preset)"})
     steps: int = field(default=0, metadata={"help": "SAE optimizer steps (0: preset)"})
     batch_size: int = field(default=0, metadata={"help": "SAE batch in tokens (0: preset)"})
+    lr: float = field(default=0.0, metadata={"help": "SAE peak learning rate (0: preset: the trainer's rule tiny, "
+                                                    "2e-3 real, measured best for a short run)"})
     dead_tokens: int = field(default=0, metadata={"help": "AuxK: a latent is dead after this many tokens unfired "
                                                           "(0: preset)"})
     lm_seqs: int = field(default=0, metadata={"help": "held-out sequences of 128 tokens for CE-loss recovered "
@@ -91,7 +97,7 @@ def resolve_demo(cfg: DemoConfig) -> tuple[DemoConfig, bool]:
     tiny = model.is_dir() and (model / "heldout.txt").is_file()
     real = not cfg.text and not tiny
     preset = REAL if not tiny else TINY
-    unset = {"label": -1, "dtype": "", "mode": ""}  # every other preset field: 0 means "the preset's"
+    unset = {"label": -1, "dtype": "", "mode": "", "min_pos": -1}  # every other preset field: 0 means "the preset's"
     vals = {k: (preset[k] if getattr(cfg, k) == unset.get(k, 0) else getattr(cfg, k))
             for k in preset if k not in ("point", "steering")}
     vals["point"] = cfg.point or preset.get("point", "")
@@ -183,7 +189,8 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     models = Models(cfg.model, cfg.device)
     st = _Stages(3 + 2 * real + analyse + (cfg.label > 0) + cfg.dashboard + (cfg.steering == "on"))
     store, train_dir, analysis = out / "activations", out / "sae", out / "analysis"
-    capture = dict(model=cfg.model, mode=cfg.mode, ctx_len=cfg.ctx_len, dtype=cfg.dtype, max_docs=cfg.max_docs,
+    capture = dict(model=cfg.model, mode=cfg.mode, ctx_len=cfg.ctx_len, min_pos=cfg.min_pos, dtype=cfg.dtype,
+                   max_docs=cfg.max_docs,
                    points=[cfg.point] if cfg.point else [], overwrite=True,  # a store of other settings is replaced
                    device=cfg.device, progress=cfg.progress)
     if real:
@@ -214,7 +221,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         st.done("capture")
 
     tcfg = st.header("train a TopK SAE", "train_sae.py", TrainConfig, flags(
-        TrainConfig, store=str(store), out=str(train_dir), expansion=cfg.expansion, k=cfg.k, steps=cfg.steps,
+        TrainConfig, store=str(store), out=str(train_dir), expansion=cfg.expansion, k=cfg.k, steps=cfg.steps, lr=cfg.lr,
         batch_size=cfg.batch_size, dead_tokens=cfg.dead_tokens, seed=cfg.seed, device=cfg.device,
         overwrite=True, progress=cfg.progress))  # --overwrite: a rerun of the demo retrains its SAE
     info_d = dist.init(tcfg.device)

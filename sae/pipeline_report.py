@@ -23,7 +23,7 @@ def label_stage(st: Any, cfg: Any, analysis: Path, models: Any) -> Path:
     from sae.pipeline import EVAL_DTYPE, flags
     argv = flags(InterpretConfig, analysis=str(analysis), backend="llama", model=cfg.model, sample=cfg.label,
                  seed=cfg.seed, n_explain=N_EXPLAIN, context_tokens=CONTEXT_TOKENS, max_tokens=cfg.label_tokens,
-                 device=cfg.device, progress=cfg.progress)
+                 prompt="simple", device=cfg.device, progress=cfg.progress)
     icfg = st.header("label latents offline with the model itself (detection-scored)", "interpret.py",
                      InterpretConfig, argv)
     (analysis / "labels.json").unlink(missing_ok=True)  # labels of a previous SAE: this one was just retrained
@@ -80,8 +80,11 @@ def print_report(out: Path, labels: Path | None, steering: dict | None, timings:
     if labels is not None and labels.is_file():
         table = json.loads(labels.read_text())
         scores = [v["detection_score"] for v in table["latents"].values() if v.get("detection_score") is not None]
+        ctrl = [v["control_score"] for v in table["latents"].values() if v.get("control_score") is not None]
         mean = f"mean detection score {sum(scores) / len(scores):.3f} over {len(scores)} scored" if scores else \
             "no detection scores"
+        if ctrl:
+            mean += f" (shuffled-label control {sum(ctrl) / len(ctrl):.3f})"
         print(f"\n=== labels by the model itself ({len(table['latents'])} labelled, {len(table['errors'])} failed; "
               f"{mean}; best 10)")
         print(f"{'latent':>6}  {'freq':>8}  {'detect':>6}  label")

@@ -312,3 +312,24 @@ def test_no_arguments_captures_the_embedded_tiny_model(tmp_path: Path, monkeypat
     heldout = (tiny / "heldout.txt").read_text().splitlines()[:25]
     tok = llama.Tokenizer.from_file(tiny)
     assert len(store) == sum(len(tok.encode(s, bos=False, eos=False)) for d in heldout for s in split_sentences(d))
+
+
+def test_min_pos_drops_early_positions_and_val_fraction_one_holds_out_everything(env, tmp_path: Path) -> None:
+    docs = env["docs"][:24]
+    run_capture(cfg(env, tmp_path / "all", mode="windows", ctx_len=16, max_docs=24, val_fraction=0.0))
+    run_capture(cfg(env, tmp_path / "p2", mode="windows", ctx_len=16, max_docs=24, min_pos=2, val_fraction=1.0))
+    a, b = open_store(tmp_path / "all"), open_store(tmp_path / "p2")
+    ma, mb = a.meta(0, len(a)), b.meta(0, len(b))
+    # reference: windows of 15 document tokens after a BOS; position 0 dropped (a), positions 0 and 1 dropped (b)
+    windows = [len(ids[i:i + 15]) for d in docs for ids in [env["tok"].encode(d, bos=False, eos=False)]
+               for i in range(0, len(ids), 15)]
+    assert len(a) == sum(windows) and len(b) == sum(w - 1 for w in windows if w > 1)
+    assert ma["pos"].min() == 1 and mb["pos"].min() == 2
+    keep = ma["pos"] >= 2  # the same rows, in the same order, with the same values
+    assert np.array_equal(ma["token_id"][keep], mb["token_id"]) and np.array_equal(ma["doc_id"][keep], mb["doc_id"])
+    assert torch.equal(a.rows(0, len(a))[torch.from_numpy(keep)], b.rows(0, len(b)))
+    assert a.num_rows("val") == 0 and b.num_rows("val") == len(b) and b.num_rows("train") == 0
+    with pytest.raises(UserError, match="other settings.*min_pos: 2 -> 3"):
+        run_capture(cfg(env, tmp_path / "p2", mode="windows", ctx_len=16, max_docs=24, min_pos=3, val_fraction=1.0))
+    with pytest.raises(UserError, match="--min-pos must be in"):
+        run_capture(cfg(env, tmp_path / "bad", ctx_len=16, min_pos=16))

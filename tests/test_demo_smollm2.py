@@ -28,17 +28,17 @@ def test_smollm2_demo_every_stage(tmp_path: Path) -> None:
                               batch_size=256, dead_tokens=2000, lm_seqs=2, label=3, label_tokens=48, steer_seeds=2,
                               progress=False))
     cfg = json.loads((out / "demo_config.json").read_text())
-    assert cfg["point"] == "blocks.14.hook_resid_post" and cfg["mode"] == "windows" and cfg["dtype"] == "bfloat16"
+    assert cfg["point"] == "blocks.14.hook_resid_post" and cfg["min_pos"] == 2 and cfg["mode"] == "windows" and cfg["dtype"] == "bfloat16"
 
     # corpus -> stores: the training store holds exactly the training documents' tokens, the attention sinks left out
     tok = llama.Tokenizer.from_file(llama.resolve_model("smollm2"))
     for name, store_dir in (("train", res.store), ("heldout", out / "activations_heldout")):
         docs = [d for _, d in zip(range(DOCS), iter_documents(expand_inputs([str(out / "corpus" / f"{name}.jsonl")])))]
-        expected = sum(len(c) - 1 for d in docs for c in make_contexts(d, tok, "windows", 128, True))
+        expected = sum(len(c) - 2 for d in docs for c in make_contexts(d, tok, "windows", 128, True))
         store = open_store(store_dir)
         assert len(store) == expected > 1000
         meta = store.meta(0, len(store))
-        assert not np.isin(meta["token_id"], [tok.bos_id, tok.eos_id]).any() and (meta["pos"] > 0).all()
+        assert not np.isin(meta["token_id"], [tok.bos_id, tok.eos_id]).any() and (meta["pos"] > 1).all()
         held = name == "heldout"
         assert store.num_rows("val") == (len(store) if held else 0)  # every held-out row is evaluation data
     train_docs = {json.loads(x)["text"] for x in (out / "corpus/train.jsonl").read_text().splitlines()}
@@ -63,6 +63,8 @@ def test_smollm2_demo_every_stage(tmp_path: Path) -> None:
     assert len(wanted) == 3 and set(map(int, table["latents"])) | set(map(int, table["errors"])) == set(wanted)
     for v in table["latents"].values():
         assert v["label"].strip() and (v["detection_score"] is None or 0.0 <= v["detection_score"] <= 1.0)
+        assert v["detection_score"] is None or len(table["latents"]) < 2 or 0.0 <= v["control_score"] <= 1.0
+    assert json.loads((out / "analysis" / "interpret_config.json").read_text())["prompt"] == "simple"
     assert (res.dashboard.parent / "index.html").is_file()
 
     # steering: the target token is an ordinary one, every (prompt, seed) pair was measured both ways

@@ -11,6 +11,8 @@ yes or no. So, in the model's chat format:
            each: "Is this text about <label>?"; its score is the logit margin of yes over no at the answer's first
            token. The n_pos excerpts with the largest margins are predicted active (a threshold that needs no
            calibration of the model's yes/no bias), and the detection score is the usual balanced accuracy.
+  control  the same excerpts judged against the next labelled latent's label ("control_score"): a 135M judge is
+           noisy, so a label is informative only as far as its detection score beats this control on average.
 """
 from __future__ import annotations
 
@@ -140,12 +142,17 @@ def explain_into(tc: Any, backend: Any, table: dict, todo: list[int], cfg: Any) 
 def detect_into(tc: Any, backend: Any, table: dict, todo: list[int], cfg: Any) -> None:
     """Detection-score `todo` (labelled already) into the table, by yes/no margins."""
     from sae.analysis.scoring import detection_sample
+    labelled = sorted(int(k) for k in table["latents"])
     for lat in todo:
         sample = detection_sample(tc, lat, cfg.n_explain, cfg.n_detect_pos, cfg.n_detect_neg, cfg.context_tokens,
                                   cfg.seed)
         if not any(sample.is_pos) or all(sample.is_pos):
             continue
         det, margins = detect(backend, table["latents"][str(lat)]["label"], sample)
-        table["latents"][str(lat)].update(detection_score=det.score, detection={
+        control = None  # the same excerpts judged against another latent's label: what chance looks like here
+        if len(labelled) > 1:
+            other = labelled[(labelled.index(lat) + 1) % len(labelled)]
+            control = detect(backend, table["latents"][str(other)]["label"], sample)[0].score
+        table["latents"][str(lat)].update(detection_score=det.score, control_score=control, detection={
             **det.as_dict(), "method": "yes/no logit margin, top n_pos predicted active",
             "margins": [round(m, 3) for m in margins], "is_pos": list(sample.is_pos)})
