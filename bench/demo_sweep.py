@@ -4,7 +4,7 @@ CE-loss recovered and delta LM loss (the SAE spliced into the model), and the tr
 
     python scripts/demo.py --model smollm2 --out runs/demo-smollm2     # writes the corpus (and more) first
     python scripts/capture.py --model smollm2 --inputs sweep.jsonl --out runs/sweep/train --mode windows \\
-        --ctx-len 128 --dtype bfloat16 --val-fraction 0 --points blocks.9.hook_resid_post blocks.14.hook_resid_post \\
+        --ctx-len 128 --min-pos 2 --dtype bfloat16 --val-fraction 0 --points blocks.9.hook_resid_post blocks.14.hook_resid_post \\
         blocks.19.hook_resid_post                                       # sweep.jsonl: every 3rd training document
     python scripts/capture.py ... --inputs runs/demo-smollm2/corpus/heldout.jsonl --out runs/sweep/heldout \\
         --val-fraction 1 --max-docs 400                                 # same points
@@ -38,6 +38,7 @@ class SweepConfig:
     ks: list[int] = field(default_factory=lambda: [16, 32, 64])
     expansion: int = 8
     steps: int = 300
+    lr: float = field(default=3e-3, metadata={"help": "peak LR (the demo preset's)"})
     batch_size: int = 2048
     dead_tokens: int = 200_000
     lm_seqs: int = field(default=16, metadata={"help": "held-out sequences of 128 tokens for the CE metrics"})
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         for k in cfg.ks:
             t0 = time.perf_counter()
             res = train(TrainConfig(store=cfg.store, point=point, out=str(out / f"{point}-k{k}"), k=k,
-                                    expansion=cfg.expansion, steps=cfg.steps, batch_size=cfg.batch_size,
+                                    expansion=cfg.expansion, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
                                     dead_tokens=cfg.dead_tokens, device="cpu", overwrite=True, progress=False,
                                     val_every=0), store)
             train_s = time.perf_counter() - t0
