@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llama.cli import UserError, atomic_write_bytes, atomic_write_json, save_config
+from llama.cli import UserError, atomic_write_bytes, atomic_write_json, progress_bar, save_config
 from sae.activations.packing import SINK_NAMES, sink_token_ids  # noqa: F401  (one definition of the sinks)
 from sae.loss import ce_loss_recovered, fire_counts, usage
 from sae.model import SAE
@@ -117,6 +117,7 @@ def lm_metrics(sae: SAE, model: torch.nn.Module, tokens: Tensor, batch_size: int
 
     total = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "mean": 0.0}
     count, act_sum, act_n, n_sinks = 0, None, 0, 0
+    bar = progress_bar(total=4 * len(batches), unit="forward", desc="LM metrics", disable=not progress)
     for tb, ordinary in batches:  # pass 1: clean CE and the mean activation over ordinary positions
         out = model(tb, capture=[hook])
         if sink_norm > 0 and bool(ordinary.any()):  # sinks by norm (SmolLM2: a delimiter at position 1 ...)
@@ -130,12 +131,15 @@ def lm_metrics(sae: SAE, model: torch.nn.Module, tokens: Tensor, batch_size: int
         a = out.activations[hook][ordinary].double()
         act_sum = a.sum(0) if act_sum is None else act_sum + a.sum(0)
         act_n += a.shape[0]
+        bar.update(1)
     mean_act = (act_sum / act_n).float()
     for tb, ordinary in batches:
         edits = {"sae": splice(ordinary), "zero": put(ordinary, mean_act.new_zeros(())),
                  "mean": put(ordinary, mean_act)}
         for name, fn in edits.items():
             total[name] += _ce(model(tb, edit={hook: fn}).logits, tb, ordinary)[0]
+            bar.update(1)
+    bar.close()
     ce = {k: v / count for k, v in total.items()}
     return {"ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero_ablation": ce["zero"], "ce_mean_ablation": ce["mean"],
             "ce_loss_recovered": ce_loss_recovered(ce["clean"], ce["sae"], ce["zero"]),
@@ -189,6 +193,7 @@ class EvalConfig:
                                                                   "whole validation split, up to this many"})
     out: str = field(default="", metadata={"help": "output folder (default: the SAE folder)"})
     device: str = "cpu"
+    progress: bool = field(default=True, metadata={"help": "show a progress bar for the LM metrics"})
 
 
 def run_evaluation(cfg: EvalConfig, model: Any = None, tokenizer: Any = None) -> dict[str, Any]:
@@ -220,7 +225,7 @@ def run_evaluation(cfg: EvalConfig, model: Any = None, tokenizer: Any = None) ->
         tok = tokenizer if tokenizer is not None else llama.Tokenizer.from_file(model_dir)
         tokens = tokenize_documents(tok, iter_documents(expand_inputs(list(cfg.text))), cfg.seq_len, cfg.max_seqs)
         metrics.update(lm_metrics(sae, model, tokens, cfg.lm_batch_size, sink_ids=sink_token_ids(tok),
-                                  sink_norm=cfg.sink_norm))
+                                  sink_norm=cfg.sink_norm, progress=cfg.progress))
     if not (cfg.store or cfg.text):
         raise UserError("nothing to evaluate: give --store (activation metrics) and/or --text (LM metrics)")
     out = Path(cfg.out or cfg.sae)

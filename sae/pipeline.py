@@ -238,7 +238,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     metrics = run_evaluation(st.header("evaluate on held-out text (L0, FVU, dead/dense, CE-loss recovered)",
                                        "evaluate.py", EvalConfig, flags(
         EvalConfig, sae=str(sae_dir), store=str(eval_store), model=cfg.model, text=[eval_text],
-        max_seqs=cfg.lm_seqs, device=cfg.device)), models.get(EVAL_DTYPE), models.tokenizer)
+        max_seqs=cfg.lm_seqs, device=cfg.device, progress=cfg.progress)), models.get(EVAL_DTYPE), models.tokenizer)
     st.done("evaluate")
     dash = labels = steering = None
     if analyse:
