@@ -2,7 +2,8 @@
 into the Llama at its capture point (no error term: the reconstruction replaces the activation).
 
 Attention sinks (position 0 of each row, and BOS / end-of-text tokens anywhere, `sink_token_ids`) have residual
-norms ~100x the median; the store never holds them, so the SAE never trained on them. The LM metrics leave them
+norms ~100x the median; the store never holds them, so the SAE never trained on them (nor positions below the
+store's `min_pos`, e.g. SmolLM2's position-1 sinks: treated alike when --store is given). The LM metrics leave them
 clean in every run (SAE splice, zero and mean ablation alike), leave them out of the ablation mean, and leave
 their next-token predictions out of the CE averages, as SAELens' evaluation does with its ignore_tokens (which
 SAELens' zero ablation does not spare; here both ablations touch exactly the positions the SAE replaces).
@@ -71,11 +72,12 @@ SINK_NORM = 10.0  # a position whose activation norm is above this x the median 
 #                   SmolLM2 layer-14 rows stay below 6x; its position-1 sinks are ~150x)
 
 
-def ordinary_positions(tokens: Tensor, sink_ids: Iterable[int] = ()) -> Tensor:
-    """[B, T] bool: True except at position 0 and at sink tokens (where the SAE is never spliced)."""
+def ordinary_positions(tokens: Tensor, sink_ids: Iterable[int] = (), min_pos: int = 1) -> Tensor:
+    """[B, T] bool: True except at positions < max(1, min_pos) and at sink tokens (where the SAE is never
+    spliced; min_pos: the training store's, whose rows started there)."""
     ids = torch.tensor(sorted(set(sink_ids)), dtype=tokens.dtype, device=tokens.device)
     ordinary = ~torch.isin(tokens, ids)
-    ordinary[:, 0] = False
+    ordinary[:, :max(1, min_pos)] = False
     return ordinary
 
 
@@ -89,18 +91,19 @@ def _ce(logits: Tensor, tokens: Tensor, ordinary: Tensor) -> tuple[float, int]:
 @torch.no_grad()
 def lm_metrics(sae: SAE, model: torch.nn.Module, tokens: Tensor, batch_size: int = 8,
                hook_name: str | None = None, progress: bool = False, sink_ids: Iterable[int] = (),
-               sink_norm: float = SINK_NORM) -> dict[str, float]:
+               sink_norm: float = SINK_NORM, min_pos: int = 1) -> dict[str, float]:
     """tokens [N, T]: CE clean, with the SAE's reconstruction spliced in, and with the activation zero- or
     mean-ablated (mean over these tokens' clean activations), plus CE-loss recovered and delta LM loss. Only
-    ordinary positions are edited and scored: never position 0 or a token in `sink_ids` (see the module doc), nor
-    a position whose clean activation norm exceeds `sink_norm` x its batch's median (0: off; "sink_positions")."""
+    ordinary positions are edited and scored: never a position < max(1, min_pos) of a row or a token in `sink_ids`
+    (see the module doc), nor a position whose clean activation norm exceeds `sink_norm` x its batch's median (0:
+    off; counted in "sink_positions")."""
     hook = hook_name or sae.cfg.hook_name
     if hook not in model.valid_points():
         raise UserError(f"SAE hook {hook!r} is not a capture point of this model (valid: {model.valid_points()})")
     sae.eval()
     dev = next(model.parameters()).device
     tokens = tokens.to(dev)
-    batches = [(tb, ordinary_positions(tb, sink_ids)) for tb in tokens.split(batch_size)]
+    batches = [(tb, ordinary_positions(tb, sink_ids, min_pos)) for tb in tokens.split(batch_size)]
     if not any(bool(o[:, :-1].any()) for _, o in batches):
         raise UserError("no ordinary positions to evaluate on (every token is position 0 or a BOS/EOS token)")
 
@@ -205,10 +208,12 @@ def run_evaluation(cfg: EvalConfig, model: Any = None, tokenizer: Any = None) ->
     sae = load(cfg.sae, device=cfg.device)
     metrics: dict[str, Any] = {"sae": cfg.sae, "hook_name": sae.cfg.hook_name, "n_latents": sae.cfg.n_latents,
                                "k": sae.cfg.k}
+    min_pos = 1
     if cfg.store:
         from sae.activations.store import open_store
         point = sae.cfg.hook_name or None
         store = open_store(cfg.store)
+        min_pos = int(store.manifest.get("min_pos", 0))  # positions the SAE's data never held are never spliced
         points = store.manifest.get("points") or []
         metrics.update(activation_metrics(sae, store, cfg.act_batch_size, cfg.max_tokens,
                                           point=point if point in points else None))
@@ -225,7 +230,7 @@ def run_evaluation(cfg: EvalConfig, model: Any = None, tokenizer: Any = None) ->
         tok = tokenizer if tokenizer is not None else llama.Tokenizer.from_file(model_dir)
         tokens = tokenize_documents(tok, iter_documents(expand_inputs(list(cfg.text))), cfg.seq_len, cfg.max_seqs)
         metrics.update(lm_metrics(sae, model, tokens, cfg.lm_batch_size, sink_ids=sink_token_ids(tok),
-                                  sink_norm=cfg.sink_norm, progress=cfg.progress))
+                                  sink_norm=cfg.sink_norm, progress=cfg.progress, min_pos=min_pos))
     if not (cfg.store or cfg.text):
         raise UserError("nothing to evaluate: give --store (activation metrics) and/or --text (LM metrics)")
     out = Path(cfg.out or cfg.sae)

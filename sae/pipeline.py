@@ -25,7 +25,7 @@ from llama.cli import UserError, config_to_dict, parse_config, save_config
 EVAL_DTYPE = "float32"  # evaluation, logit lens, labelling and steering (README "Real model": bf16 vs fp32)
 # Presets. real: measured on SmolLM2-135M (README "Real model"; `python bench/demo_sweep.py` reruns the sweep).
 TINY = dict(mode="sentences", ctx_len=64, dtype="auto", expansion=8, k=16, steps=1500, batch_size=1024,
-            dead_tokens=200_000, lm_seqs=64, label=0, label_tokens=0, steering="off", min_pos=0, lr=0.0)
+            dead_tokens=200_000, lm_seqs=64, label=0, label_tokens=32, steering="off", min_pos=0, lr=0.0)
 REAL = dict(mode="windows", ctx_len=128, dtype="bfloat16", point="blocks.14.hook_resid_post", expansion=8, k=32,
             steps=800, batch_size=2048, dead_tokens=400_000, lm_seqs=48, label=32, label_tokens=32, steering="on",
             min_pos=2, lr=3e-3)
@@ -106,6 +106,12 @@ def resolve_demo(cfg: DemoConfig) -> tuple[DemoConfig, bool]:
     name = cfg.model if not Path(cfg.model).exists() else (model.stem if model.is_file() else model.name)
     vals["out"] = cfg.out or ("runs/demo" if tiny else f"runs/demo-{name}")
     vals["text"] = cfg.text if (cfg.text or real) else str(model / "heldout.txt")  # from any folder
+    if not real and not 0.0 < cfg.val_fraction < 1.0:
+        raise UserError(f"--val-fraction must be in (0, 1) when one text is both trained and evaluated on, got "
+                        f"{cfg.val_fraction}")
+    if cfg.label < -1 or cfg.steer_seeds < 1:
+        raise UserError(f"--label must be -1 (preset), 0 (off) or a count, got {cfg.label}; --steer-seeds must be "
+                        f"positive, got {cfg.steer_seeds}")
     return replace(cfg, **vals), real
 
 
@@ -186,8 +192,11 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "demo_config.json")
-    analyse = cfg.dashboard or cfg.label > 0
+    analyse = cfg.dashboard or cfg.label > 0 or cfg.steering == "on"  # labels and steering read the top contexts
     models = Models(cfg.model, cfg.device)
+    if cfg.label > 0:  # before any stage runs: the labeller's detection needs single-token yes/no
+        from sae.analysis.interpret_small import check_yes_no
+        check_yes_no(models.tokenizer)
     st = _Stages(3 + 2 * real + analyse + (cfg.label > 0) + cfg.dashboard + (cfg.steering == "on"))
     store, train_dir, analysis = out / "activations", out / "sae", out / "analysis"
     capture = dict(model=cfg.model, mode=cfg.mode, ctx_len=cfg.ctx_len, min_pos=cfg.min_pos, dtype=cfg.dtype,

@@ -2,6 +2,7 @@
 report (labelled latents, steering effect, stage timings with the load average), for sae/pipeline.py."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -11,6 +12,7 @@ from llama.cli import atomic_write_json, progress_bar
 
 N_EXPLAIN = 12  # top contexts shown to the labeller: a 135M model follows a short prompt better (README)
 CONTEXT_TOKENS = 24
+STEER_PROMPTS = 8  # prompts of the steering check: the first tokens of the first held-out documents
 STEER_MULTIPLE = 4.0  # default strength: this many times the target latent's largest activation seen
 
 
@@ -48,10 +50,11 @@ def steering_stage(st: Any, cfg: Any, sae_dir: Path, analysis: Path, text: str, 
     target = pick_target(model, sae, exclude=special_ids(tok))
     peak = _max_act(analysis, target.latent)
     strength = cfg.steer_strength or STEER_MULTIPLE * peak
-    docs = [d for _, d in zip(range(8), iter_documents(expand_inputs([text])))]
+    docs = list(itertools.islice(iter_documents(expand_inputs([text])), STEER_PROMPTS))
     seeds = cfg.steer_seeds
     with progress_bar(total=seeds, desc="steering", unit="seed", disable=not cfg.progress) as bar:
-        res = steering_check(model, tok, sae, docs, strength, target=target, seeds=seeds, progress=bar)
+        res = steering_check(model, tok, sae, docs, strength, target=target, n_prompts=STEER_PROMPTS, seeds=seeds,
+                             progress=bar)
     res["max_act"] = peak
     atomic_write_json(out / "steering.json", res)
     st.done("steering")
@@ -59,9 +62,9 @@ def steering_stage(st: Any, cfg: Any, sae_dir: Path, analysis: Path, text: str, 
 
 
 def _max_act(analysis: Path, latent: int) -> float:
-    import numpy as np
-    f = analysis / "max_act.npy"
-    return float(np.load(f)[latent]) if f.is_file() else 1.0
+    """The latent's largest activation in the top-contexts scan just run (the steering strength's unit)."""
+    from sae.analysis.top_contexts import load_top_contexts
+    return float(load_top_contexts(analysis).array("max_act")[latent])
 
 
 def label_rows(labels_path: Path, analysis: Path, top: int = 10) -> list[dict]:
@@ -80,11 +83,13 @@ def print_report(out: Path, labels: Path | None, steering: dict | None, timings:
     if labels is not None and labels.is_file():
         table = json.loads(labels.read_text())
         scores = [v["detection_score"] for v in table["latents"].values() if v.get("detection_score") is not None]
-        ctrl = [v["control_score"] for v in table["latents"].values() if v.get("control_score") is not None]
+        pairs = [(v["detection_score"], v["control_score"]) for v in table["latents"].values()
+                 if v.get("detection_score") is not None and v.get("control_score") is not None]
         mean = f"mean detection score {sum(scores) / len(scores):.3f} over {len(scores)} scored" if scores else \
             "no detection scores"
-        if ctrl:
-            mean += f" (shuffled-label control {sum(ctrl) / len(ctrl):.3f})"
+        if pairs:
+            mean += (f"; on {len(pairs)} with a control: {sum(d for d, _ in pairs) / len(pairs):.3f} vs "
+                     f"{sum(c for _, c in pairs) / len(pairs):.3f} judged against another latent's label")
         print(f"\n=== labels by the model itself ({len(table['latents'])} labelled, {len(table['errors'])} failed; "
               f"{mean}; best 10)")
         print(f"{'latent':>6}  {'freq':>8}  {'detect':>6}  label")

@@ -97,6 +97,9 @@ def sae_config_for(cfg: TrainConfig, source: Any) -> SAEConfig:
 class Trainer:
     def __init__(self, cfg: TrainConfig, source: Any, info: dist.DistInfo | None = None) -> None:
         self.cfg, self.source = cfg, source
+        if hasattr(source, "num_rows") and source.num_rows("train") == 0:  # (store-free training has no rows here)
+            raise UserError(f"--store {cfg.store or '(tensor)'} holds no training rows (a store captured with "
+                            "--val-fraction 1 is evaluation data only)")
         self.info = info or dist.DistInfo(0, 1, 0, dist.pick_device(cfg.device))
         if cfg.batch_size % self.info.world_size:
             raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {self.info.world_size} ranks")

@@ -30,8 +30,8 @@ import torch.distributed as tdist
 from llama.cli import UserError, atomic_write_bytes, atomic_write_json, progress_bar, save_config
 from llama.stop import StopSignals
 from sae import dist
-from sae.activations.capture import (ROW_SETTINGS, checkpoint_hash, load_model_and_tokenizer, resolve_context,
-                                     resolve_points)
+from sae.activations.capture import (DEFAULTS_OF_OLDER_STORES, ROW_SETTINGS, checkpoint_hash,
+                                     load_model_and_tokenizer, resolve_context, resolve_points)
 from sae.activations.inputs import count_documents, expand_inputs, file_fingerprint
 from sae.activations.source import TensorSource
 from sae.activations.stream import held_out, open_stream
@@ -54,6 +54,8 @@ class StreamTrainer:
         W, r = self.info.world_size, self.info.rank
         self.cfg = cfg = resolve_context(dataclasses.replace(cfg, points=list(cfg.points) or
                                                              ([cfg.point] if cfg.point else [])))
+        if cfg.val_fraction >= 1.0:
+            raise UserError(f"--val-fraction {cfg.val_fraction} leaves no documents to train on (must be < 1)")
         self.S = cfg.data_shards or W
         if self.S % W or cfg.batch_size % self.S:
             raise UserError(f"--data-shards {self.S} must be a multiple of the {W} rank(s) and divide --batch-size "
@@ -113,6 +115,8 @@ class StreamTrainer:
             return 0
         meta = json.loads(meta_path.read_text())
         plan = json.loads(json.dumps(self.plan))  # as it reads back from JSON
+        if isinstance(meta.get("plan", {}).get("context"), dict):  # settings added since: what older runs implicitly had
+            meta["plan"]["context"] = {**DEFAULTS_OF_OLDER_STORES, **meta["plan"]["context"]}
         if meta.get("plan") != plan:
             old = meta.get("plan", {})
             diff = [k for k in sorted(set(old) | set(plan)) if old.get(k) != plan.get(k)]

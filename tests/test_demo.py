@@ -34,3 +34,16 @@ def test_demo_script_bad_model_is_one_line_error(tmp_path: Path) -> None:
                         "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("error:") and "Traceback" not in r.stderr
+
+
+def test_demo_settings_that_cannot_work_fail_before_any_stage(tmp_path: Path) -> None:
+    import pytest
+
+    from llama.cli import UserError
+    with pytest.raises(UserError, match="--val-fraction must be in \\(0, 1\\)"):
+        run_demo(DemoConfig(out=str(tmp_path / "a"), val_fraction=1.0, progress=False))
+    with pytest.raises(UserError, match="no single-token 'Yes'/'No'"):  # the tiny vocabulary: labelling impossible
+        run_demo(DemoConfig(out=str(tmp_path / "b"), label=2, progress=False))
+    with pytest.raises(UserError, match="--steer-seeds must be positive"):
+        run_demo(DemoConfig(out=str(tmp_path / "c"), steer_seeds=0, progress=False))
+    assert not (tmp_path / "b" / "activations").exists()  # nothing was captured

@@ -126,3 +126,17 @@ def test_real_corpus_holds_the_tiny_corpus_and_its_heldout_split() -> None:
     assert set(tiny.heldout) <= held and set(tiny.train) <= train | held
     assert c.info["sources"]["cpython-docs"]["documents"] == len(tiny.train) + len(tiny.heldout)
     assert c.info["sources"]["cpython-code"]["documents"] > 100
+
+
+def test_zen_alone_is_a_python_text_and_long_code_lines_are_cut(tmp_path: Path, monkeypatch) -> None:
+    import codecs
+
+    import sae.activations.offline_corpus as oc
+    zen = "Beautiful is better than ugly.\n\nExplicit is better than implicit."
+    (tmp_path / "this.py").write_text(f"s = {codecs.encode(zen, 'rot13')!r}\nprint(s)\n")
+    assert list(oc.python_texts(tmp_path)) == ["Beautiful is better than ugly.", "Explicit is better than implicit."]
+    long = tmp_path / "long.py"  # one function of a single line longer than MAX_CODE_CHARS
+    long.write_text("def f(): return '" + "x" * oc.MAX_CODE_CHARS + "'\n")  # no line end to cut at
+    monkeypatch.setattr(oc, "code_files", lambda stdlib: [long])
+    (code,) = oc.cpython_code(tmp_path)
+    assert len(code) <= oc.MAX_CODE_CHARS and code.startswith("def f():")

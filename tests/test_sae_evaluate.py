@@ -188,3 +188,41 @@ def test_lm_metrics_splice_only_ordinary_positions_of_the_tiny_model() -> None:
     ce = F.cross_entropy(out.logits[:, :-1][keep], tokens[:, 1:][keep])
     assert r["lm_tokens"] == int(keep.sum())
     assert r["ce_clean"] == pytest.approx(float(ce), rel=1e-5)
+
+
+def test_lm_metrics_leave_positions_below_min_pos_and_huge_norm_positions_clean() -> None:
+    """min_pos (the store's) and sink_norm: positions < min_pos of each row, and a position whose clean activation
+    is planted far above the batch median, are never edited nor scored."""
+    import llama
+    tiny = ROOT / "weights" / "tiny"
+    model = llama.load_model(tiny, device="cpu", dtype=torch.float32)
+    tok = llama.Tokenizer.from_file(tiny)
+    docs = (tiny / "heldout.txt").read_text().splitlines()[:40]
+    ids = [t for d in docs for t in tok.encode(d, bos=False, eos=False)]
+    tokens = torch.tensor(ids[:4 * 32]).view(4, 32)  # no BOS/EOS inside: only position rules apply
+    hook = "blocks.2.hook_resid_post"
+    sae = SAE(SAEConfig(d_in=model.args.dim, n_latents=4 * model.args.dim, k=8, hook_name=hook), seed=0).eval()
+
+    class Planted(_Recording):  # the clean activation at row 1, position 9 is made 1000x larger
+        def __call__(self, tokens, capture=(), edit=None):
+            def plant(h):
+                h = h.clone()
+                h[1, 9] *= 1000.0
+                return h
+            if edit is None:
+                return self.model(tokens, capture=capture, edit={hook: plant})
+
+            def planted_then_edited(h, f=edit[hook]):
+                h = plant(h)
+                out = f(h)
+                self.changed.append(((out != h).any(-1), out))
+                return out
+            return self.model(tokens, capture=capture, edit={hook: planted_then_edited})
+    rec = Planted(model)
+    r = lm_metrics(sae, rec, tokens, batch_size=4, min_pos=3)
+    expected = torch.ones(4, 32, dtype=torch.bool)
+    expected[:, :3] = False
+    expected[1, 9] = False
+    assert r["sink_positions"] == 1 and r["lm_tokens"] == int(expected[:, :-1].sum())
+    for changed, _ in rec.changed:
+        assert torch.equal(changed, expected)

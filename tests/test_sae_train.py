@@ -179,3 +179,9 @@ def test_ema_sae_has_unit_norm_decoder_rows(tmp_path: Path) -> None:
     assert float(ema.norm(dim=1).min()) < 1 - 1e-4  # the raw average is not unit norm: the renormalisation mattered
     torch.testing.assert_close(saved.W_dec, ema / ema.norm(dim=1, keepdim=True), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(saved.W_enc, tr.ema["W_enc"], atol=1e-5, rtol=1e-5)
+
+
+def test_a_source_without_training_rows_is_one_clear_error(tmp_path: Path) -> None:
+    from llama.cli import UserError
+    with pytest.raises(UserError, match="holds no training rows.*--val-fraction 1"):
+        Trainer(small_cfg(tmp_path), TensorSource(torch.randn(256, 16), val_fraction=1.0))

@@ -209,3 +209,9 @@ def test_bad_flags_are_one_clear_error(tiny, tmp_path: Path) -> None:
     assert r.returncode == 2 and "holds no documents" in r.stderr and "Traceback" not in r.stderr
     with pytest.raises(UserError, match="unknown capture point 'blocks.9.hook_resid_post'"):
         train_many(flags(tmp_path, points=["blocks.9.hook_resid_post"]), model=tiny[0], tok=tiny[1])
+
+
+def test_val_fraction_one_leaves_nothing_to_train_on(tmp_path: Path) -> None:
+    from sae.train_many import StreamTrainer
+    with pytest.raises(UserError, match="--val-fraction 1.0 leaves no documents to train on"):
+        StreamTrainer(flags(tmp_path / "s", val_fraction=1.0))

@@ -141,7 +141,8 @@ def cpython_code(stdlib: Path) -> list[str]:
             if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                 code = _strip_docstrings(node, lines).rstrip()
                 if len(code) > MAX_CODE_CHARS:
-                    code = code[:code.rfind("\n", 0, MAX_CODE_CHARS)]
+                    cut = code.rfind("\n", 0, MAX_CODE_CHARS)
+                    code = code[:cut if cut > 0 else MAX_CODE_CHARS]
                 out.append(code)
     return out
 
@@ -164,8 +165,9 @@ def python_texts(stdlib: Path) -> list[str]:
             if isinstance(node, ast.Assign) and [getattr(t, "id", "") for t in node.targets] == ["s"] \
                     and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
                 docs += paragraphs(codecs.decode(node.value.value, "rot13"))
+                found.append("this.py")
     if not found:
-        raise SourceMissing(f"none of {', '.join(PYTHON_TEXT_FILES)} or idlelib/help.html under {stdlib}")
+        raise SourceMissing(f"none of {', '.join(PYTHON_TEXT_FILES)}, idlelib/help.html or this.py under {stdlib}")
     return docs
 
 

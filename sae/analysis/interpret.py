@@ -203,7 +203,11 @@ def run_interpret(cfg: InterpretConfig, tc: Any, backend: Backend, out_dir: Path
     table = load_table(path)
     table.update(backend=backend.name, model=backend.model)
     has = [lat for lat in range(tc.n_latents) if tc.array("max_ctx")[lat, 0] >= 0]
-    if cfg.sample > 0 and not cfg.latents:
+    if cfg.sample > 0 and cfg.latents:
+        raise UserError("--sample and --latents both choose the latents to label: give one of them")
+    if not 0.0 < cfg.max_freq <= 1.0:
+        raise UserError(f"--max-freq must be in (0, 1], got {cfg.max_freq}")
+    if cfg.sample > 0:
         has = sample_latents(tc, cfg.sample, cfg.n_explain + (cfg.n_detect_pos if cfg.score else 0), cfg.max_freq,
                              cfg.seed)
     wanted = [lat for lat in (cfg.latents or has) if 0 <= lat < tc.n_latents and tc.array("max_ctx")[lat, 0] >= 0]
@@ -218,7 +222,8 @@ def run_interpret(cfg: InterpretConfig, tc: Any, backend: Backend, out_dir: Path
     if cfg.prompt == "simple":
         if not isinstance(backend, LlamaBackend):
             raise UserError(f"--prompt simple needs --backend llama (it reads the model's logits), not {backend.name}")
-        from sae.analysis.interpret_small import detect_into, explain_into
+        from sae.analysis.interpret_small import check_yes_no, detect_into, explain_into
+        check_yes_no(backend.tok)
         explain, detect = explain_into, detect_into
     unscored = [] if (dry or not cfg.score) else [lat for lat in wanted if str(lat) in table["latents"]
                                                   and table["latents"][str(lat)].get("detection_score") is None]
@@ -239,4 +244,8 @@ def run_interpret(cfg: InterpretConfig, tc: Any, backend: Backend, out_dir: Path
         atomic_write_json(path, table)
         bar.update(len(unscored[i:i + cfg.save_every]))
     bar.close()
+    if cfg.prompt == "simple" and cfg.score and not dry:  # once every label exists: each is judged against another
+        from sae.analysis.interpret_small import control_into
+        control_into(tc, backend, table, cfg)
+        atomic_write_json(path, table)
     return table

@@ -11,8 +11,9 @@ yes or no. So, in the model's chat format:
            each: "Is this text about <label>?"; its score is the logit margin of yes over no at the answer's first
            token. The n_pos excerpts with the largest margins are predicted active (a threshold that needs no
            calibration of the model's yes/no bias), and the detection score is the usual balanced accuracy.
-  control  the same excerpts judged against the next labelled latent's label ("control_score"): a 135M judge is
-           noisy, so a label is informative only as far as its detection score beats this control on average.
+  control  after every label exists, the same excerpts judged against the next scored latent's (different) label
+           ("control_score", "control_label"): a 135M judge is noisy, so a label is informative only as far as
+           its detection score beats this control on average over the same latents.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 
+from llama.cli import UserError
 from sae.analysis.interpret import highlight
 from sae.analysis.parsing import Label
 from sae.analysis.scoring import DetectionSample, score_detection
@@ -82,14 +84,18 @@ def _answer_confidence(backend: Any, prompts: list[list[int]], answers: list[lis
 def explain(backend: Any, recs: dict[int, dict], n_shown: dict[int, int], max_tokens: int) -> dict[int, Label | str]:
     """latent -> Label, or the reason there is none."""
     from llama.generate import generate
-    lats = list(recs)
-    prompts = [_ids(backend, explain_user(recs[lat], n_shown[lat]), ANSWER_START) for lat in lats]
+    limit = backend.llm.args.max_seq_len
+    all_prompts = {lat: _ids(backend, explain_user(recs[lat], n_shown[lat]), ANSWER_START) for lat in recs}
+    out: dict[int, Label | str] = {lat: f"prompt of {len(p)} tokens + {max_tokens} new tokens exceeds the "
+                                   f"model's max_seq_len {limit}"
+                                   for lat, p in all_prompts.items() if len(p) + max_tokens > limit}
+    lats = [lat for lat in recs if lat not in out]
+    prompts = [all_prompts[lat] for lat in lats]
     answers: list[list[int]] = []
     for i in range(0, len(prompts), backend.batch_size):
         answers += generate(backend.llm, backend.tok, prompts[i:i + backend.batch_size], max_tokens,
                             temperature=0.0, seed=backend.seed).tokens
     conf = _answer_confidence(backend, prompts, answers)
-    out: dict[int, Label | str] = {}
     for lat, ans, c in zip(lats, answers, conf):
         label, desc = parse_answer(backend.tok.decode(ans))
         out[lat] = Label(label, desc, round(c, 4)) if label else f"empty answer: {backend.tok.decode(ans)[:80]!r}"
@@ -142,17 +148,37 @@ def explain_into(tc: Any, backend: Any, table: dict, todo: list[int], cfg: Any) 
 def detect_into(tc: Any, backend: Any, table: dict, todo: list[int], cfg: Any) -> None:
     """Detection-score `todo` (labelled already) into the table, by yes/no margins."""
     from sae.analysis.scoring import detection_sample
-    labelled = sorted(int(k) for k in table["latents"])
     for lat in todo:
         sample = detection_sample(tc, lat, cfg.n_explain, cfg.n_detect_pos, cfg.n_detect_neg, cfg.context_tokens,
                                   cfg.seed)
         if not any(sample.is_pos) or all(sample.is_pos):
             continue
         det, margins = detect(backend, table["latents"][str(lat)]["label"], sample)
-        control = None  # the same excerpts judged against another latent's label: what chance looks like here
-        if len(labelled) > 1:
-            other = labelled[(labelled.index(lat) + 1) % len(labelled)]
-            control = detect(backend, table["latents"][str(other)]["label"], sample)[0].score
-        table["latents"][str(lat)].update(detection_score=det.score, control_score=control, detection={
+        table["latents"][str(lat)].update(detection_score=det.score, detection={
             **det.as_dict(), "method": "yes/no logit margin, top n_pos predicted active",
             "margins": [round(m, 3) for m in margins], "is_pos": list(sample.is_pos)})
+
+
+def control_into(tc: Any, backend: Any, table: dict, cfg: Any) -> None:
+    """control_score of every scored latent: its detection excerpts judged against the label of the next scored
+    latent (by index, cyclically) whose label differs from its own; None when there is no such latent."""
+    from sae.analysis.scoring import detection_sample
+    scored = sorted(int(k) for k, v in table["latents"].items() if v.get("detection_score") is not None)
+    for i, lat in enumerate(scored):
+        rec = table["latents"][str(lat)]
+        others = [scored[(i + j) % len(scored)] for j in range(1, len(scored))]
+        other = next((o for o in others if table["latents"][str(o)]["label"] != rec["label"]), None)
+        if other is None:
+            rec.update(control_score=None, control_label=None)
+            continue
+        sample = detection_sample(tc, lat, cfg.n_explain, cfg.n_detect_pos, cfg.n_detect_neg, cfg.context_tokens,
+                                  cfg.seed)
+        label = table["latents"][str(other)]["label"]
+        rec.update(control_score=detect(backend, label, sample)[0].score, control_label=label)
+
+
+def check_yes_no(tok: Any) -> None:
+    """The detection reads single-token yes/no logits: a vocabulary without them cannot be scored this way."""
+    if not _token_ids(tok, YES) or not _token_ids(tok, NO):
+        raise UserError("this tokenizer has no single-token 'Yes'/'No', which the small-model labeller's detection "
+                        "reads (scripts/interpret.py: use --prompt json or --score false; scripts/demo.py: --label 0)")
