@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from llama.cli import atomic_write_json, parse_config, run_main, save_config  # noqa: E402
+from sae.pipeline import REAL  # noqa: E402
 
 
 @dataclass
@@ -38,7 +39,7 @@ class SweepConfig:
     ks: list[int] = field(default_factory=lambda: [16, 32, 64])
     expansion: int = 8
     steps: int = 300
-    lr: float = field(default=3e-3, metadata={"help": "peak LR (the demo preset's)"})
+    lr: float = field(default=REAL["lr"], metadata={"help": "peak LR (default: the demo's real-model preset)"})
     batch_size: int = 2048
     dead_tokens: int = 200_000
     lm_seqs: int = field(default=16, metadata={"help": "held-out sequences of 128 tokens for the CE metrics"})

@@ -70,8 +70,9 @@ def topic_paragraphs(topics: dict[str, str]) -> Iterator[str]:
                 yield "\n".join(lines)
 
 
-def is_heldout(doc: str) -> bool:
-    return int(hashlib.sha256(doc.encode("utf-8")).hexdigest()[:8], 16) % HELDOUT_MODULUS == 0
+def is_heldout(doc: str, modulus: int = HELDOUT_MODULUS) -> bool:
+    """Held out when the first 8 hex digits of the document's sha256 are 0 modulo `modulus`."""
+    return int(hashlib.sha256(doc.encode("utf-8")).hexdigest()[:8], 16) % modulus == 0
 
 
 def sha256_lines(docs: list[str]) -> str:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
 from llama.cli import UserError, atomic_write, atomic_write_json
-from llama.tiny.corpus import MIN_WORDS, build_corpus, normalise, sha256_lines, stdlib_files
+from llama.tiny.corpus import MIN_WORDS, build_corpus, is_heldout, normalise, sha256_lines, stdlib_files
 
 HELDOUT_MODULUS = 10
 CODE_FILE_MODULUS = 12  # ~1/12 of the stdlib's files give code documents (~150k SmolLM2 tokens on CPython 3.11)
@@ -57,10 +57,6 @@ class OfflineCorpus(NamedTuple):
 
 class SourceMissing(Exception):
     """An optional source is not on this machine (the message says what was looked for)."""
-
-
-def is_heldout(text: str) -> bool:
-    return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:8], 16) % HELDOUT_MODULUS == 0
 
 
 def paragraphs(text: str) -> Iterator[str]:
@@ -212,8 +208,9 @@ def build_offline_corpus(sources: dict[str, Callable[[], list[str]]] | None = No
                 chars += len(doc)
         info["sources"][name] = {"status": "ok", "documents": n, "chars": chars}
     docs = [Doc(t, s) for t, s in seen.items()]
-    train = [d for d in docs if not is_heldout(d.text)]
-    heldout = [d for d in docs if is_heldout(d.text)]
+    held = [is_heldout(d.text, HELDOUT_MODULUS) for d in docs]
+    train = [d for d, h in zip(docs, held) if not h]
+    heldout = [d for d, h in zip(docs, held) if h]
     if not train or not heldout:
         raise UserError(f"the offline corpus has {len(train)} training and {len(heldout)} held-out documents; "
                         "expected some of each")
